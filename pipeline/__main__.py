@@ -1,0 +1,129 @@
+"""Typer app: one command per DVC stage. Run ``python -m pipeline --help``."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+import typer  # noqa: E402
+
+from pipeline.common import load_params, stage  # noqa: E402
+
+app = typer.Typer(
+    name="pipeline",
+    help="semdlm pipeline stages (tokenize -> graph -> prior -> train -> sample -> evaluate -> report -> track).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+ParamsOpt = typer.Option("params.yaml", "--params", help="params file (DVC passes params.yaml)")
+KernelOpt = typer.Option(..., "--kernel", "-k", help="kernel name: a key of the [bold]kernels[/] section")
+
+
+@app.command()
+@stage
+def tokenize(params: str = ParamsOpt) -> None:
+    """Tokenize the corpus ([bold]data[/] section) into packed train/valid sequences."""
+    from pipeline import tokenize as m
+
+    m.run(load_params(params).data)
+
+
+@app.command()
+@stage
+def graph(params: str = ParamsOpt) -> None:
+    """Cosine kNN table of the vocabulary's word embeddings ([bold]graph[/] section)."""
+    from pipeline import graph as m
+
+    m.run(load_params(params).graph)
+
+
+@app.command()
+@stage
+def prior(params: str = ParamsOpt) -> None:
+    """Unigram counts, valid-vocabulary mask and global-jump nu ([bold]prior[/] section)."""
+    from pipeline import prior as m
+
+    m.run(load_params(params).prior)
+
+
+@app.command()
+@stage
+def train(kernel: str = KernelOpt, params: str = ParamsOpt) -> None:
+    """Train the denoiser for one kernel ([bold]model[/], [bold]train[/], [bold]kernels.<name>[/]); resumes."""
+    from pipeline import train as m
+
+    m.run(load_params(params), kernel)
+
+
+@app.command()
+@stage
+def sample(kernel: str = KernelOpt, params: str = ParamsOpt) -> None:
+    """Draw samples from a trained kernel's model ([bold]sampler[/] section)."""
+    from pipeline import sample as m
+
+    m.run(load_params(params), kernel)
+
+
+@app.command()
+@stage
+def evaluator(params: str = ParamsOpt) -> None:
+    """Prepare the evaluator LM once ([bold]eval.model[/]) into models/evaluator/."""
+    from pipeline import evaluator as m
+
+    m.prepare(load_params(params).eval)
+
+
+@app.command()
+@stage
+def evaluate(kernel: str = KernelOpt, params: str = ParamsOpt) -> None:
+    """Gen PPL, entropy and distinct-n of a kernel's samples ([bold]eval[/] section)."""
+    from pipeline import evaluate as m
+
+    m.run(load_params(params).eval, kernel)
+
+
+@app.command()
+@stage
+def reference(params: str = ParamsOpt) -> None:
+    """Score the reference rows: held-out text and unigram samples ([bold]eval[/] section)."""
+    from pipeline import evaluate as m
+
+    p = load_params(params)
+    m.reference(p.eval, p.sampler.seed)
+
+
+@app.command()
+@stage
+def report(params: str = ParamsOpt) -> None:
+    """Write reports/report.md, reports/results.csv and reports/figures/*.png from the metrics."""
+    from pipeline import report as m
+
+    m.run(load_params(params))
+
+
+@app.command()
+@stage
+def track(params: str = ParamsOpt) -> None:
+    """Mirror params and metrics to MLflow (one parent run per DVC experiment, a child per kernel)."""
+    from pipeline import track as m
+
+    m.run(load_params(params))
+
+
+@app.command("use-profile")
+@stage
+def use_profile(profile: str = typer.Argument(..., help="a profile, e.g. params/cpu-study.yaml"),
+                params: str = ParamsOpt) -> None:
+    """Merge a parameter profile into params.yaml (validated first); then `dvc repro` or `dvc exp run`."""
+    from pipeline import profile as m
+
+    m.run(profile, params)
+    typer.echo(f"{params} now holds {profile}; run `dvc exp run` (or `git checkout {params}` to undo)")
+
+
+if __name__ == "__main__":
+    app()

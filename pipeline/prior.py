@@ -1,0 +1,33 @@
+"""prior: unigram counts on train, the valid-vocabulary mask and nu = count^tau / Z (Eq. 119)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from pipeline.artifacts import PRIOR, PRIOR_METRICS, load_split, load_vocab
+from pipeline.common import write_json, write_parquet
+from semdlm.config import PriorConfig
+from semdlm.prior import global_jump, valid_mask
+
+
+def unigram_cross_entropy(train_counts: np.ndarray, valid_ids: np.ndarray, exclude: int) -> float:
+    """Validation cross-entropy (nats/token) of the add-one-smoothed train unigram (``exclude`` = [MASK])."""
+    c = train_counts.astype(np.float64) + 1.0
+    c[exclude] = 0.0
+    p = c / c.sum()
+    return float(-np.log(p[valid_ids]).mean())
+
+
+def run(cfg: PriorConfig) -> None:
+    vocab = load_vocab()
+    counts = np.bincount(load_split("train").numpy().ravel(), minlength=vocab.size)
+    valid = valid_mask(vocab.tokens, counts, cfg.min_count)
+    nu = global_jump(counts, valid, cfg.tau)
+    write_parquet(PRIOR, pd.DataFrame({"id": range(vocab.size), "token": vocab.tokens, "count": counts,
+                                       "valid": valid, "nu": nu}))
+    ce = unigram_cross_entropy(counts, load_split("valid").numpy().ravel(), vocab.mask)
+    write_json(PRIOR_METRICS, {"unigram_valid_ce": ce, "unigram_valid_ppl": math.exp(ce),
+                               "valid_tokens": int(valid.sum()), "vocab_size": vocab.size})

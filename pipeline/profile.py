@@ -1,0 +1,36 @@
+"""use-profile: merge a parameter profile (params/*.yaml, a partial params file) into params.yaml.
+
+The merged file is validated before it replaces params.yaml, so a profile with a typo changes nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from pipeline.common import StageError, atomic
+from semdlm.config import parse_params
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def run(profile: str | Path, params: str | Path = "params.yaml") -> dict:
+    profile, params = Path(profile), Path(params)
+    if not profile.exists():
+        raise StageError(f"profile {profile} not found; see params/*.yaml")
+    override = yaml.safe_load(profile.read_text()) or {}
+    merged = deep_merge(yaml.safe_load(params.read_text()) or {}, override)
+    if "kernels" in override:  # a profile's kernel set replaces the default one
+        merged["kernels"] = override["kernels"]
+    parse_params(merged)
+    with atomic(params) as tmp:
+        tmp.write_text(f"# params.yaml with profile {profile} merged in; `git checkout params.yaml` to undo\n"
+                       + yaml.safe_dump(merged, sort_keys=False))
+    return merged

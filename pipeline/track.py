@@ -1,0 +1,132 @@
+"""track: mirror params + metrics of this DVC experiment to MLflow, idempotently.
+
+One parent run per (DVC experiment, git rev, params) and one child run per kernel. DVC's run-cache and
+``dvc exp`` restore outs without running commands, so logging happens here, from the metrics files, not in
+train/sample. Re-running with the same metrics changes nothing; with new metrics the runs are replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.artifacts import PRIOR_METRICS, REFERENCE, metrics_dir, samples_path
+from pipeline.common import StageError, read_json
+from pipeline.report import REPORTS
+from semdlm.config import Params
+
+EXPERIMENT = "semdlm"
+
+
+def dvc_root() -> Path:
+    """The original repository root, also inside the temporary copies of queued experiments (DVC_ROOT)."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else sqlite at the DVC root (absolute: queued runs work in temporary copies)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{dvc_root() / 'mlflow.db'}"
+
+
+def git_rev() -> str:
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        return os.environ["DVC_EXP_BASELINE_REV"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def numbers(d: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def kernel_payload(k: str) -> dict:
+    m = metrics_dir(k)
+    return {name: read_json(m / f"{name}.json", f"{name}@{k}") for name in ("train", "sample", "eval")}
+
+
+def _log_child(client, exp_id: str, parent_id: str, run_name: str, tags: dict, params: dict, k: str,
+               payload: dict) -> None:
+    from mlflow.entities import Metric, Param
+
+    run = client.create_run(exp_id, run_name=f"{run_name}/{k}", tags={
+        **tags, "mlflow.parentRunId": parent_id, "kernel": k, "sampler": payload["sample"]["sampler"],
+        "evaluator": payload["eval"]["evaluator"]})
+    now = int(time.time() * 1000)
+    metrics = {**numbers(payload["train"]), **numbers(payload["sample"]), **numbers(payload["eval"])}
+    batch = [Metric(key, v, now, 0) for key, v in metrics.items()]
+    for name, cols in (("train_log.tsv", ("loss", "lr", "tokens_per_s")), ("val_log.tsv", ("val_nelbo",))):
+        log = pd.read_csv(metrics_dir(k) / name, sep="\t")
+        batch += [Metric(f"curve.{c}", float(r[c]), now, int(r["step"])) for _, r in log.iterrows() for c in cols]
+    for i in range(0, len(batch), 900):
+        client.log_batch(run.info.run_id, metrics=batch[i : i + 900])
+    client.log_batch(run.info.run_id, params=[Param(key, str(v)[:500]) for key, v in params.items()])
+    client.log_artifact(run.info.run_id, str(samples_path(k)))
+    client.set_terminated(run.info.run_id)
+
+
+def run(params: Params) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    exp_name = os.environ.get("DVC_EXP_NAME") or "workspace"
+    flat = flatten({k: v for k, v in asdict(params).items()})
+    payloads = {k: kernel_payload(k) for k in params.kernels}
+    reference = read_json(REFERENCE, "reference")
+    prior = read_json(PRIOR_METRICS, "prior")
+    rev = git_rev()
+    key = hashlib.sha256(json.dumps([exp_name, rev, flat], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    content = hashlib.sha256(json.dumps([payloads, reference], sort_keys=True).encode()).hexdigest()[:16]
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:  # artifacts beside the db, by absolute path, unless a tracking server is configured
+        store = None if os.environ.get("MLFLOW_TRACKING_URI") else (dvc_root() / "mlartifacts").as_uri()
+        exp_id = client.create_experiment(EXPERIMENT, artifact_location=store)
+    else:
+        exp_id = exp.experiment_id
+    existing = client.search_runs([exp_id], f"tags.`semdlm.key` = '{key}'")
+    if any(r.data.tags.get("semdlm.content") == content for r in existing):
+        print(f"MLflow already holds this experiment ({exp_name}, key {key}); nothing to do")
+        return
+    for r in existing:  # same experiment, changed metrics: replace, never duplicate
+        client.delete_run(r.info.run_id)
+    run_name = exp_name if exp_name != "workspace" else f"workspace@{rev[:7]}"
+    tags = {"semdlm.key": key, "semdlm.content": content, "git_rev": rev, "dvc_exp": exp_name}
+    parent = client.create_run(exp_id, run_name=run_name, tags={**tags, "kernels": ",".join(params.kernels)})
+    pid = parent.info.run_id
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    ref_metrics = [Metric(f"reference.{r}.{m}", v, now, 0) for r in ("heldout_text", "unigram_samples")
+                   for m, v in numbers(reference[r]).items()]
+    client.log_batch(pid, metrics=ref_metrics + [Metric(f"prior.{m}", v, now, 0) for m, v in numbers(prior).items()],
+                     params=[Param(k, str(v)[:500]) for k, v in flat.items()])
+    for path in (REPORTS / "report.md", REPORTS / "results.csv"):
+        if not path.exists():
+            raise StageError(f"missing {path}; run `dvc repro report` first")
+        client.log_artifact(pid, str(path))
+    client.log_artifacts(pid, str(REPORTS / "figures"), "figures")
+    for k, payload in payloads.items():
+        _log_child(client, exp_id, pid, run_name, tags, flat, k, payload)
+    client.set_terminated(pid)
+    print(f"logged {run_name} with {len(payloads)} kernel run(s) to {tracking_uri()}")

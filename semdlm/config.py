@@ -1,0 +1,238 @@
+"""Frozen dataclass configs, one per params.yaml section, validated on construction.
+
+A bad value raises ``ConfigError`` with a one-line message naming the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+KERNEL_NAMES = ("mask", "uniform", "knn", "semdlm_plus")
+SAMPLER_NAMES = ("ancestral",)
+
+
+class ConfigError(ValueError):
+    """A params.yaml value that cannot be used; the message names it and says how to fix it."""
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "bbcnews"  # "bbcnews" (embedded), a text file/dir, or a datasets id / local dataset path
+    text_field: str = "text"
+    hf_split: str = "train"
+    seq_len: int = 64
+    valid_fraction: float = 0.05
+    max_docs: int = 0  # 0 = all documents
+    vocab: str = "compact"  # "compact" (ids seen >= min_count in train + specials) or "full" (30,522)
+    min_count: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len >= 8, f"data.seq_len={self.seq_len} is too short; use seq_len >= 8 (e.g. 64)")
+        _check(0 < self.valid_fraction < 1, f"data.valid_fraction={self.valid_fraction} must be in (0, 1)")
+        _check(self.vocab in ("compact", "full"), f"data.vocab={self.vocab!r}: use 'compact' or 'full'")
+        _check(self.min_count >= 1, f"data.min_count={self.min_count} must be >= 1")
+        _check(self.max_docs >= 0, f"data.max_docs={self.max_docs} must be >= 0 (0 = all)")
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    k_max: int = 16
+    chunk_size: int = 1024
+
+    def __post_init__(self) -> None:
+        _check(self.k_max >= 1, f"graph.k_max={self.k_max} must be >= 1")
+        _check(self.chunk_size >= 1, f"graph.chunk_size={self.chunk_size} must be >= 1")
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    min_count: int = 10
+    tau: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(self.min_count >= 1, f"prior.min_count={self.min_count} must be >= 1")
+        _check(0 <= self.tau <= 1, f"prior.tau={self.tau} must be in [0, 1] (Eq. 119)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    time_conditioning: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.d_model > 0 and self.n_layers > 0, "model.d_model and model.n_layers must be > 0")
+        _check(
+            self.n_heads > 0 and self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 2 == 0,
+            f"model.n_heads={self.n_heads} must divide d_model={self.d_model} into an even head size",
+        )
+        _check(0 <= self.dropout < 1, f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    t_eps: float = 1e-3
+    antithetic: bool = True  # low-discrepancy t: one uniform offset per batch, strided
+    lambda_chg: float = 1.0  # Eq. 120 weight of positions the kernel changed
+    lambda_same: float = 1.0  # Eq. 120 weight of unchanged positions
+    time_weight: str = "elbo"  # "elbo": continuous-time NELBO weight (mask/uniform); "none": plain CE (Eq. 3)
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    log_every: int = 10
+    threads: int = 0  # torch intra-op threads, 0 = torch default
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
+        _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
+        _check(self.lr > 0 and math.isfinite(self.lr), f"train.lr={self.lr} must be a positive number")
+        _check(0 < self.t_eps < 1, f"train.t_eps={self.t_eps} must be in (0, 1)")
+        _check(self.time_weight in ("elbo", "none"), f"train.time_weight={self.time_weight!r}: use 'elbo' or 'none'")
+        _check(
+            self.lambda_chg >= 0 and self.lambda_same >= 0 and self.lambda_chg + self.lambda_same > 0,
+            f"train.lambda_chg={self.lambda_chg}, lambda_same={self.lambda_same} must be >= 0, not both 0",
+        )
+        for k in ("eval_every", "eval_batches", "ckpt_every", "log_every"):
+            _check(getattr(self, k) >= 1, f"train.{k}={getattr(self, k)} must be >= 1")
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Hyperparameters of one kernel, named as in Eq. 118-119 (unused ones are ignored by simple kernels)."""
+
+    alpha_min: float = 0.0
+    beta: float = 1.0  # exponent of the retention schedule alpha_t
+    beta_max: float = 1.0
+    eta: float = 2.0
+    k_max: int = 16
+    gamma: float = 1.0
+    k: int = 8  # fixed neighbourhood of the knn kernel
+    nu: str = "uniform"  # global jump distribution: "uniform" over valid ids or "unigram" (prior stage)
+
+    def __post_init__(self) -> None:
+        _check(self.nu in ("uniform", "unigram"), f"nu={self.nu!r} is unknown; use 'uniform' or 'unigram'")
+        _check(self.k >= 1 and self.k_max >= 1, f"k={self.k}, k_max={self.k_max} must be >= 1")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    name: str = "ancestral"
+    steps: int = 64
+    num_samples: int = 32
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.name in SAMPLER_NAMES,
+            f"sampler.name={self.name!r} is unknown; choose one of {', '.join(SAMPLER_NAMES)}",
+        )
+        _check(self.steps >= 1, f"sampler.steps={self.steps} must be >= 1")
+        _check(self.num_samples >= 1, f"sampler.num_samples={self.num_samples} must be >= 1")
+        _check(self.batch_size >= 1, f"sampler.batch_size={self.batch_size} must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    model: str = "smollm2-offline"  # packaged offline evaluator, or a HF id (gpt2-large) / local path
+    dtype: str = "float32"
+    batch_size: int = 16
+    num_reference: int = 32  # held-out texts and unigram samples scored as reference rows
+    min_entropy: float = 4.8  # Table 3 threshold (natural log); rows below are marked, not hidden
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in ("float32", "bfloat16"), f"eval.dtype={self.dtype!r}: use float32 or bfloat16")
+        _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
+        _check(self.num_reference >= 1, f"eval.num_reference={self.num_reference} must be >= 1")
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataConfig = field(default_factory=DataConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kernels: dict[str, KernelConfig] = field(default_factory=lambda: {"mask": KernelConfig()})
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+T = TypeVar("T")
+
+
+def section(cls: type[T], raw: dict[str, Any] | None, where: str) -> T:
+    """Build dataclass ``cls`` from a params mapping, rejecting unknown keys and wrong types by name."""
+    raw = dict(raw or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"did you mean {where}.{close[0]}?" if close else f"known keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown key {where}.{key} in params.yaml; {hint}")
+    for key, value in raw.items():
+        default = getattr(cls(), key) if key in fields else None
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ConfigError(f"{where}.{key}={value!r} must be true or false")
+        if isinstance(default, int) and not isinstance(default, bool) and not isinstance(value, int):
+            raise ConfigError(f"{where}.{key}={value!r} must be an integer")
+        if isinstance(default, float) and not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}.{key}={value!r} must be a number")
+        if isinstance(default, float):
+            raw[key] = float(value)
+    try:
+        return cls(**raw)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
+def parse_params(raw: dict[str, Any]) -> Params:
+    """params.yaml as a whole -> Params, with unknown sections and keys rejected."""
+    known = {f.name for f in dataclasses.fields(Params)}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; known sections: {', '.join(sorted(known))}"
+            raise ConfigError(f"unknown section {key!r} in params.yaml{hint}")
+    kernels_raw = raw.get("kernels") or {"mask": {}}
+    if not isinstance(kernels_raw, dict) or not kernels_raw:
+        raise ConfigError("kernels must be a mapping of kernel name -> settings, e.g. {mask: {}}")
+    kernels = {}
+    for name, cfg in kernels_raw.items():
+        if name not in KERNEL_NAMES:
+            close = difflib.get_close_matches(str(name), KERNEL_NAMES, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"choose from {', '.join(KERNEL_NAMES)}"
+            raise ConfigError(f"unknown kernel {name!r} in params.yaml kernels; {hint}")
+        kernels[name] = section(KernelConfig, cfg, f"kernels.{name}")
+    return Params(
+        data=section(DataConfig, raw.get("data"), "data"),
+        graph=section(GraphConfig, raw.get("graph"), "graph"),
+        prior=section(PriorConfig, raw.get("prior"), "prior"),
+        model=section(ModelConfig, raw.get("model"), "model"),
+        train=section(TrainConfig, raw.get("train"), "train"),
+        kernels=kernels,
+        sampler=section(SamplerConfig, raw.get("sampler"), "sampler"),
+        eval=section(EvalConfig, raw.get("eval"), "eval"),
+    )

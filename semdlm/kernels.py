@@ -1,0 +1,163 @@
+"""Forward kernels q(x_t | x_0): masking, uniform, semantic-KNN and SemDLM+ (Eq. 5, 6, 7, 117).
+
+Every kernel is the same three-way mixture (Eq. 117), per token:
+
+    q(x_t = j | x_0 = i) = alpha_t delta_ij + beta_t nu(j) + (1 - alpha_t - beta_t) / k_t * 1[j in N_{k_t}(i)]
+
+- ``mask``:        beta_t = 1 - alpha_t, nu = delta_[MASK]                           (Eq. 5)
+- ``uniform``:     beta_t = 1 - alpha_t, nu uniform over the valid vocabulary          (Eq. 6)
+- ``knn``:         beta_t = 0, fixed k neighbours (the paper's "SemDLM-KNN")            (Eq. 7)
+- ``semdlm_plus``: Eq. 118 schedules, nu uniform or unigram^tau (Eq. 119)               (Eq. 117)
+
+Neighbour tables are ``[V, k_max]`` (self excluded, sorted by similarity) and corruption is a gather: no
+``V x V`` tensor is ever built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from semdlm.config import KernelConfig
+from semdlm.schedules import Schedule
+
+
+@dataclass
+class Kernel:
+    """One forward kernel: a schedule, a global-jump distribution nu and an optional neighbour table."""
+
+    name: str
+    schedule: Schedule
+    nu: torch.Tensor  # [V] float64, sums to 1
+    neighbours: torch.Tensor | None = None  # [V, >= k_max] long, self excluded
+    mask_id: int | None = None  # set for the absorbing kernel only
+    _nu_cdf: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.nu = self.nu.to(torch.float64)
+        if abs(float(self.nu.sum()) - 1.0) > 1e-6 or bool((self.nu < 0).any()):
+            raise ValueError(f"kernel {self.name}: nu must be a probability vector")
+        self._nu_cdf = torch.cumsum(self.nu, 0)
+        self._nu_cdf[-1] = 1.0
+        if self.uses_neighbours:
+            if self.neighbours is None:
+                raise ValueError(f"kernel {self.name} needs a neighbour table (run the graph stage)")
+            if self.schedule.k_max > self.neighbours.shape[1]:
+                raise ValueError(
+                    f"kernels.{self.name}.k_max={self.schedule.k_max} is larger than the neighbour table "
+                    f"width {self.neighbours.shape[1]}; lower k_max or raise graph.k_max"
+                )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.nu.numel()
+
+    @property
+    def is_absorbing(self) -> bool:
+        return self.mask_id is not None
+
+    @property
+    def uses_neighbours(self) -> bool:
+        """True when the neighbour branch carries mass somewhere on (0, 1]."""
+        t = torch.linspace(0, 1, 101, dtype=torch.float64)
+        s = self.schedule
+        return bool(((1 - s.alpha(t) - s.beta_t(t)) > 1e-12).any())
+
+    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(alpha_t, beta_t, neighbour mass 1 - alpha_t - beta_t, integer k_t) for each t."""
+        t = t.to(torch.float64)
+        a, b = self.schedule.alpha(t), self.schedule.beta_t(t)
+        return a, b, (1.0 - a - b).clamp_min(0.0), self.schedule.k(t)
+
+    def sample_nu(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+        u = torch.rand(shape, dtype=torch.float64, generator=generator)
+        return torch.searchsorted(self._nu_cdf, u.reshape(-1), right=True).clamp_max(self.vocab_size - 1).view(shape)
+
+    def sample_xt(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw x_t ~ q(. | x_0) per token; ``t`` has one entry per sequence ([B]) and x0 is [B, L]."""
+        a, b, _, k = (c.view(-1, *([1] * (x0.dim() - 1))) for c in self.coefficients(t))
+        u = torch.rand(x0.shape, dtype=torch.float64, generator=generator)
+        xt = torch.where(u < a + b, self.sample_nu(tuple(x0.shape), generator), x0)
+        xt = torch.where(u < a, x0, xt)
+        if self.uses_neighbours:
+            v = torch.rand(x0.shape, dtype=torch.float64, generator=generator)
+            rank = torch.floor(v * k).long().clamp_max(k.expand_as(x0) - 1)  # uniform over the top-k_t
+            xt = torch.where(u >= a + b, self.neighbours[x0, rank], xt)
+        return xt
+
+    def probs(self, x0: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """Closed-form rows q(x_t = . | x_0) as a dense [N, V] float64 tensor (for N positions, never V x V)."""
+        x0 = x0.reshape(-1)
+        a, b, c, k = self.coefficients(torch.as_tensor(t, dtype=torch.float64).reshape(1))
+        rows = (b * self.nu).expand(x0.numel(), -1).clone()
+        rows[torch.arange(x0.numel()), x0] += a
+        if self.uses_neighbours:
+            kk = int(k)
+            rows.scatter_add_(1, self.neighbours[x0, :kk], (c / kk).expand(x0.numel(), kk).clone())
+        return rows
+
+    def sample_prior(
+        self, shape: tuple[int, ...], x0_dist: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """x_1 ~ sum_i m(i) q_1(. | i): the kernel's reference distribution when x_0 follows ``x0_dist``.
+
+        For mask, uniform and SemDLM+ with alpha_min = 0, beta_max = 1 this is nu whatever ``x0_dist`` is.
+        """
+        x0 = torch.multinomial(x0_dist.to(torch.float64), int(torch.tensor(shape).prod()), True, generator=generator)
+        return self.sample_xt(x0.view(shape), torch.ones(shape[0], dtype=torch.float64), generator)
+
+
+def masking(vocab_size: int, mask_id: int) -> Kernel:
+    nu = torch.zeros(vocab_size, dtype=torch.float64)
+    nu[mask_id] = 1.0
+    return Kernel("mask", Schedule(), nu, mask_id=mask_id)
+
+
+def uniform(valid: torch.Tensor) -> Kernel:
+    nu = valid.to(torch.float64) / valid.sum()
+    return Kernel("uniform", Schedule(), nu)
+
+
+def knn(valid: torch.Tensor, neighbours: torch.Tensor, k: int) -> Kernel:
+    nu = valid.to(torch.float64) / valid.sum()  # unused (beta_t = 0); kept so every kernel has a nu
+    return Kernel("knn", Schedule(beta_max=0.0, k_max=k, gamma=0.0), nu, neighbours)
+
+
+def semdlm_plus(nu: torch.Tensor, neighbours: torch.Tensor, schedule: Schedule) -> Kernel:
+    return Kernel("semdlm_plus", schedule, nu, neighbours)
+
+
+def build_kernel(
+    name: str,
+    cfg: KernelConfig,
+    *,
+    mask_id: int,
+    valid: torch.Tensor,
+    unigram_nu: torch.Tensor,
+    neighbours: torch.Tensor | None,
+) -> Kernel:
+    """The kernel registered under ``name`` (``kernels.<name>`` section of params.yaml)."""
+    V = valid.numel()
+    if name == "mask":
+        return masking(V, mask_id)
+    if name == "uniform":
+        return uniform(valid)
+    if neighbours is None:
+        raise ValueError(f"kernel {name!r} needs the neighbour table of the graph stage")
+    if name == "knn":
+        if cfg.k > neighbours.shape[1]:
+            raise ValueError(
+                f"kernels.knn.k={cfg.k} is larger than the neighbour table width {neighbours.shape[1]}; "
+                "lower k or raise graph.k_max"
+            )
+        return knn(valid, neighbours, cfg.k)
+    if name == "semdlm_plus":
+        schedule = Schedule(cfg.alpha_min, cfg.beta, cfg.beta_max, cfg.eta, cfg.k_max, cfg.gamma)
+        try:
+            schedule.validate()
+        except ValueError as e:
+            raise ValueError(f"kernels.semdlm_plus: {e}") from None
+        nu = unigram_nu if cfg.nu == "unigram" else valid.to(torch.float64) / valid.sum()
+        return semdlm_plus(nu, neighbours, schedule)
+    raise ValueError(f"unknown kernel {name!r}; choose one of mask, uniform, knn, semdlm_plus")

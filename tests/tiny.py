@@ -1,0 +1,47 @@
+"""Small offline assets for tests: a tiny params file and a tiny randomly initialised causal evaluator LM."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+TINY_PARAMS = {
+    "data": {"source": "bbcnews", "seq_len": 16, "max_docs": 60, "min_count": 3, "valid_fraction": 0.1},
+    "graph": {"k_max": 8, "chunk_size": 256},
+    "prior": {"min_count": 3, "tau": 0.5},
+    "model": {"d_model": 32, "n_layers": 1, "n_heads": 2},
+    "train": {"steps": 6, "batch_size": 8, "warmup_steps": 2, "eval_every": 3, "eval_batches": 1,
+              "ckpt_every": 2, "log_every": 2},
+    "kernels": {"mask": {}},
+    "sampler": {"steps": 4, "num_samples": 4, "batch_size": 4},
+    "eval": {"batch_size": 4, "num_reference": 4},
+}
+
+
+def tiny_evaluator(path: Path) -> Path:
+    """A 1-layer GPT-2 with the bert-base-uncased tokenizer, saved like any local HF model directory."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from pipeline import assets
+
+    if (path / "config.json").exists():
+        return path
+    torch.manual_seed(0)
+    tok = PreTrainedTokenizerFast(tokenizer_object=assets.tokenizer(), bos_token="[CLS]", eos_token="[SEP]",
+                                  pad_token="[PAD]", unk_token="[UNK]")
+    cfg = GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=16, n_layer=1, n_head=2,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_params(path: Path, evaluator: Path, **overrides: dict) -> Path:
+    params = {k: dict(v) for k, v in TINY_PARAMS.items()}
+    params["eval"]["model"] = str(evaluator)
+    for section, values in overrides.items():
+        params[section] = {**params.get(section, {}), **values} if section != "kernels" else values
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
