@@ -18,6 +18,7 @@ import torch
 
 from pipeline.common import load_params
 from pipeline.train import make_optimizer, train_step
+from semdlm.config import KernelConfig
 from semdlm.kernels import masking
 from semdlm.model import Denoiser
 
@@ -58,7 +59,7 @@ def main() -> None:
     x0 = torch.randint(0, V - 1, (B, L), generator=gen)
 
     def step() -> None:
-        loss = train_step(model, kernel, x0, p.train, gen)
+        loss = train_step(model, kernel, x0, p.train, p.kernels.get('mask', KernelConfig()), gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

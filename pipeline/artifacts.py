@@ -75,9 +75,22 @@ def load_prior() -> dict[str, torch.Tensor]:
     }
 
 
+def load_unigram(vocab: Vocab) -> torch.Tensor:
+    """The smoothed train unigram m over x_0 ([V] float64, 0 on [MASK])."""
+    from semdlm.prior import smoothed_unigram
+
+    return torch.from_numpy(smoothed_unigram(load_prior()["count"].numpy(), vocab.mask))
+
+
 def load_neighbours() -> torch.Tensor:
+    return load_graph()[0]
+
+
+def load_graph() -> tuple[torch.Tensor, torch.Tensor]:
+    """The [V, k_max] neighbour ids and their cosine similarities."""
     df = read_parquet(GRAPH, "graph")
-    return torch.from_numpy(np.stack(df["neighbours"].to_numpy()).astype(np.int64))
+    ids = torch.from_numpy(np.stack(df["neighbours"].to_numpy()).astype(np.int64))
+    return ids, torch.from_numpy(np.stack(df["sims"].to_numpy()).astype(np.float64))
 
 
 def load_kernel(name: str, params: Params, vocab: Vocab) -> Kernel:

@@ -10,15 +10,12 @@ import pandas as pd
 from pipeline.artifacts import PRIOR, PRIOR_METRICS, load_split, load_vocab
 from pipeline.common import write_json, write_parquet
 from semdlm.config import PriorConfig
-from semdlm.prior import global_jump, valid_mask
+from semdlm.prior import global_jump, smoothed_unigram, valid_mask
 
 
 def unigram_cross_entropy(train_counts: np.ndarray, valid_ids: np.ndarray, exclude: int) -> float:
     """Validation cross-entropy (nats/token) of the add-one-smoothed train unigram (``exclude`` = [MASK])."""
-    c = train_counts.astype(np.float64) + 1.0
-    c[exclude] = 0.0
-    p = c / c.sum()
-    return float(-np.log(p[valid_ids]).mean())
+    return float(-np.log(smoothed_unigram(train_counts, exclude)[valid_ids]).mean())
 
 
 def run(cfg: PriorConfig) -> None:

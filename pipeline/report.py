@@ -6,6 +6,7 @@ The same metrics give a byte-identical report.md (no clock, no absolute paths).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -22,6 +23,13 @@ from semdlm.config import Params  # noqa: E402
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"
 REFERENCE_ROWS = {"heldout_text": "held-out text (floor)", "unigram_samples": "unigram samples (ceiling)"}
+# The paper's Table 2 (LM1B test PPL, 110M parameters, 200k steps), by our kernel name, with its source row.
+PAPER_TABLE2 = {
+    "mask": (31.78, "Masking DLM (MDLM)"),
+    "uniform": (88.03, "Uniform DLM (D3PM)"),
+    "knn": (149.50, "SemDLM (KNN)"),
+    "semdlm_plus": (27.19, "SemDLM+"),
+}
 
 
 def collect(params: Params) -> pd.DataFrame:
@@ -35,7 +43,8 @@ def collect(params: Params) -> pd.DataFrame:
                      "train_tokens": tr["train_tokens"], "val_nelbo": tr["val_nelbo"], "val_ppl": tr["val_ppl"],
                      "bound": tr["bound"], "tokens_per_s": tr["tokens_per_s"], "train_s": tr["train_seconds"],
                      "sampler": sa["sampler"], "sample_steps": sa["steps"], "nfe": sa["nfe_per_batch"],
-                     "sample_s": sa["wall_s"], **_eval_cols(ev)})
+                     "sample_s": sa["wall_s"], "paper_ppl": PAPER_TABLE2.get(k, (None, ""))[0],
+                     "paper_row": PAPER_TABLE2.get(k, (None, "–"))[1], **_eval_cols(ev)})
     ref = read_json(REFERENCE, "reference")
     for key in REFERENCE_ROWS:
         rows.append({"row": key, "kind": "reference", **_eval_cols(ref[key])})
@@ -121,15 +130,25 @@ def render(params: Params, df: pd.DataFrame, unigram_ce: float, examples: dict[s
         f"Unigram cross-entropy of the validation split (train counts, add-one): **{unigram_ce:.3f} nats/token**. "
         "A model that learned nothing from context sits at this line; a broken one far above it.",
         "",
-        markdown_table(models, ["row", "val_nelbo", "val_ppl", "bound", "parameters", "tokens_per_s"],
-                       ["kernel", "val NELBO (nats/tok)", "val PPL (bound)", "bound", "params", "train tok/s"], 3),
+        markdown_table(models, ["row", "val_ppl", "gen_ppl", "entropy", "paper_ppl", "paper_row"],
+                       ["kernel", "ours: val PPL (bound)", "ours: gen PPL", "ours: entropy",
+                        "paper: LM1B test PPL", "paper row"], 2),
+        "",
+        "Paper columns are Table 2 of arXiv 2606.15327 (LM1B, 110M parameters, 200k steps); they are printed for "
+        "orientation only and are **not** comparable with ours (other data, scale and, for knn / semdlm_plus, "
+        "another bound: see docs/likelihood.md).",
+        "",
+        markdown_table(models, ["row", "val_nelbo", "bound", "parameters", "train_tokens", "tokens_per_s"],
+                       ["kernel", "val NELBO (nats/tok)", "bound", "params", "train tokens", "train tok/s"], 3),
         "",
         "## Generation",
         "",
         f"Evaluator `{ev.model}` ({ev.dtype}); protocol: samples detokenised, retokenised by the evaluator, "
         "[BOS] text [EOS] in context-sized chunks, token-weighted NLL. Entropy: mean per-sample unigram entropy "
         f"of the model's own token ids (nats). Rows with entropy < eval.min_entropy = {ev.min_entropy} are "
-        "marked (the paper's Table 3 only reports rows above it).",
+        "marked (the paper's Table 3 only reports rows above it). A sample of "
+        f"{params.data.seq_len} tokens has entropy at most ln {params.data.seq_len} = "
+        f"{math.log(params.data.seq_len):.2f}, so compare entropies with the held-out text row, not the threshold.",
         f"Sampler `{params.sampler.name}`, {params.sampler.steps} steps, {params.sampler.num_samples} samples, "
         f"seed {params.sampler.seed}.",
         "",

@@ -9,10 +9,21 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline import assets
-from pipeline.artifacts import Vocab, load_denoiser, load_kernel, load_vocab, metrics_dir, samples_path
+from pipeline.artifacts import (
+    Vocab,
+    load_denoiser,
+    load_graph,
+    load_kernel,
+    load_unigram,
+    load_vocab,
+    metrics_dir,
+    samples_path,
+)
 from pipeline.common import StageError, write_json, write_parquet
-from semdlm.config import Params
-from semdlm.samplers import ancestral
+from semdlm.config import Params, SamplerConfig
+from semdlm.ctmc import is_markov
+from semdlm.penalties import penalise, window_tokens
+from semdlm.samplers import Transform, ancestral, blockwise, tau_leaping
 
 
 def decode(vocab: Vocab, rows: list[list[int]]) -> list[str]:
@@ -21,23 +32,55 @@ def decode(vocab: Vocab, rows: list[list[int]]) -> list[str]:
     return tok.decode_batch([vocab.ids[r].tolist() for r in rows], skip_special_tokens=True)
 
 
+def penalty(cfg: SamplerConfig) -> Transform | None:
+    """Eq. 23 on the logits before each draw, from the window of the current sequence (None when off)."""
+    if cfg.lambda_freq == 0 and cfg.lambda_sem == 0:
+        return None
+    neighbours, sims = load_graph() if cfg.lambda_sem else (None, None)
+
+    def transform(logits: torch.Tensor, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        window = window_tokens(x, positions, cfg.window)
+        return penalise(logits.double(), window, cfg.lambda_freq, cfg.lambda_sem, neighbours, sims)
+
+    return transform
+
+
 def run(params: Params, kernel_name: str) -> None:
     cfg = params.sampler
     vocab = load_vocab()
     kernel = load_kernel(kernel_name, params, vocab)
-    if cfg.name == "ancestral" and not kernel.is_absorbing:
-        raise StageError(f"sampler.name=ancestral only supports the mask kernel, not {kernel_name!r}")
+    if cfg.name == "tau_leaping" and not is_markov(kernel):
+        raise StageError(
+            f"sampler.name=tau_leaping does not support kernel {kernel_name!r} (not a Markov jump process); "
+            "use sampler.name=ancestral or blockwise"
+        )
     model = load_denoiser(kernel_name)
+    if cfg.name == "blockwise" and model.seq_len % cfg.strides:
+        raise StageError(
+            f"sampler.strides={cfg.strides} does not divide the sequence length {model.seq_len}; "
+            "choose a divisor (the paper uses 2)"
+        )
+    x0_dist = load_unigram(vocab)
+    transform = penalty(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     ids, nfe = [], 0
     start = time.perf_counter()
     columns = (TextColumn(f"sample@{kernel_name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as bar, torch.no_grad():
-        task = bar.add_task("sample", total=cfg.num_samples * cfg.steps)
+        calls = cfg.strides * (cfg.steps // cfg.strides) if cfg.name == "blockwise" else cfg.steps
+        task = bar.add_task("sample", total=cfg.num_samples * calls)
         for first in range(0, cfg.num_samples, cfg.batch_size):
             n = min(cfg.batch_size, cfg.num_samples - first)
-            res = ancestral(model, kernel, n, model.seq_len, cfg.steps, gen,
-                            on_step=lambda n=n: bar.advance(task, n))
+            advance = lambda n=n: bar.advance(task, n)  # noqa: E731 - one call per sampler step
+            if cfg.name == "blockwise":
+                res = blockwise(model, kernel, n, model.seq_len, cfg.steps, cfg.strides, gen, x0_dist, cfg.top_p,
+                                cfg.rho, cfg.freeze_threshold, transform, advance)
+            elif cfg.name == "tau_leaping":
+                res = tau_leaping(model, kernel, n, model.seq_len, cfg.steps, gen, cfg.corrector_steps, transform,
+                                  advance)
+            else:
+                res = ancestral(model, kernel, n, model.seq_len, cfg.steps, gen, x0_dist, advance, transform,
+                                cfg.cache)
             ids += res.ids.tolist()
             nfe += res.nfe
     wall = time.perf_counter() - start
@@ -47,4 +90,5 @@ def run(params: Params, kernel_name: str) -> None:
     write_json(metrics_dir(kernel_name) / "sample.json", {
         "sampler": cfg.name, "steps": cfg.steps, "num_samples": cfg.num_samples, "seed": cfg.seed,
         "nfe_per_batch": nfe / batches, "wall_s": wall, "samples_per_s": cfg.num_samples / wall,
+        "lambda_freq": cfg.lambda_freq, "lambda_sem": cfg.lambda_sem,
     })

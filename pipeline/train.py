@@ -16,14 +16,14 @@ from pipeline.artifacts import (
     PRIOR_METRICS,
     checkpoint_dir,
     load_kernel,
-    load_prior,
     load_split,
+    load_unigram,
     load_vocab,
     metrics_dir,
     model_path,
 )
 from pipeline.common import StageError, atomic, read_json, write_json
-from semdlm.config import Params, TrainConfig
+from semdlm.config import KernelConfig, Params, TrainConfig
 from semdlm.kernels import Kernel
 from semdlm.likelihood import bound_name, validation_nelbo
 from semdlm.loss import change_aware_loss, stratified_times, time_weight, token_ce
@@ -52,7 +52,7 @@ def make_optimizer(model: Denoiser, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
 
 
-def train_step(model: Denoiser, kernel: Kernel, x0: torch.Tensor, cfg: TrainConfig,
+def train_step(model: Denoiser, kernel: Kernel, x0: torch.Tensor, cfg: TrainConfig, kcfg: KernelConfig,
                gen: torch.Generator) -> torch.Tensor:
     """Loss of one batch: t (low-discrepancy if cfg.antithetic), x_t ~ q(.|x_0), Eq. 120 weighting."""
     B = x0.shape[0]
@@ -62,8 +62,8 @@ def train_step(model: Denoiser, kernel: Kernel, x0: torch.Tensor, cfg: TrainConf
         t = cfg.t_eps + (1 - cfg.t_eps) * torch.rand(B, dtype=torch.float64, generator=gen)
     xt = kernel.sample_xt(x0, t, gen)
     ce = token_ce(model(xt, t.float()), x0, xt, kernel)
-    omega = time_weight(kernel, t) if cfg.time_weight == "elbo" else torch.ones_like(t)
-    return change_aware_loss(ce, x0, xt, omega, cfg.lambda_chg, cfg.lambda_same)
+    omega = time_weight(kernel, t) if kcfg.time_weight == "elbo" else torch.ones_like(t)
+    return change_aware_loss(ce, x0, xt, omega, kcfg.lambda_chg, kcfg.lambda_same)
 
 
 class Checkpoint:
@@ -103,9 +103,9 @@ def run(params: Params, kernel_name: str) -> None:
 
     torch.manual_seed(cfg.seed)
     model = Denoiser(vocab.size, seq_len, params.model, kernel.mask_id)
+    unigram = load_unigram(vocab)
     with torch.no_grad():  # start at the unigram predictor: every step is spent on learning from context
-        smoothed = load_prior()["count"] + 1.0
-        model.bias.copy_(torch.log(smoothed / smoothed.sum()).float())
+        model.bias.copy_(unigram.clamp_min(1e-12).log().float())
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -125,7 +125,7 @@ def run(params: Params, kernel_name: str) -> None:
     def evaluate(batches: int) -> float:
         model.eval()
         with torch.no_grad():
-            v = validation_nelbo(model, kernel, valid, cfg.batch_size, batches, seed=cfg.seed)
+            v = validation_nelbo(model, kernel, valid, cfg.batch_size, batches, cfg.seed, cfg.bound_steps, unigram)
         model.train()
         return v
 
@@ -139,7 +139,7 @@ def run(params: Params, kernel_name: str) -> None:
         while step < cfg.steps:
             t0 = time.perf_counter()
             x0 = train[torch.randint(len(train), (cfg.batch_size,), generator=gen)]
-            loss = train_step(model, kernel, x0, cfg, gen)
+            loss = train_step(model, kernel, x0, cfg, params.kernels[kernel_name], gen)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise StageError(
@@ -172,7 +172,7 @@ def run(params: Params, kernel_name: str) -> None:
                 last_good = step
             bar.update(task, completed=step, loss=loss_value)
 
-    val_nelbo = evaluate(max(1, math.ceil(len(valid) / cfg.batch_size)))  # the whole validation split
+    val_nelbo = evaluate(max(1, math.ceil(min(len(valid), cfg.val_sequences) / cfg.batch_size)))
     val_log.append({"step": step, "val_nelbo": val_nelbo})
     with atomic(model_path(kernel_name)) as tmp:
         meta = {"vocab_size": vocab.size, "seq_len": seq_len, "model": asdict(params.model),

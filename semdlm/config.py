@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 KERNEL_NAMES = ("mask", "uniform", "knn", "semdlm_plus")
-SAMPLER_NAMES = ("ancestral",)
+SAMPLER_NAMES = ("ancestral", "tau_leaping", "blockwise")
 
 
 class ConfigError(ValueError):
@@ -93,11 +93,10 @@ class TrainConfig:
     grad_clip: float = 1.0
     t_eps: float = 1e-3
     antithetic: bool = True  # low-discrepancy t: one uniform offset per batch, strided
-    lambda_chg: float = 1.0  # Eq. 120 weight of positions the kernel changed
-    lambda_same: float = 1.0  # Eq. 120 weight of unchanged positions
-    time_weight: str = "elbo"  # "elbo": continuous-time NELBO weight (mask/uniform); "none": plain CE (Eq. 3)
     eval_every: int = 100
     eval_batches: int = 8
+    val_sequences: int = 256  # validation sequences scored by the final bound
+    bound_steps: int = 8  # grid of the coupling ELBO (knn, semdlm_plus); mask/uniform use the exact NELBO
     ckpt_every: int = 100
     log_every: int = 10
     threads: int = 0  # torch intra-op threads, 0 = torch default
@@ -108,12 +107,7 @@ class TrainConfig:
         _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
         _check(self.lr > 0 and math.isfinite(self.lr), f"train.lr={self.lr} must be a positive number")
         _check(0 < self.t_eps < 1, f"train.t_eps={self.t_eps} must be in (0, 1)")
-        _check(self.time_weight in ("elbo", "none"), f"train.time_weight={self.time_weight!r}: use 'elbo' or 'none'")
-        _check(
-            self.lambda_chg >= 0 and self.lambda_same >= 0 and self.lambda_chg + self.lambda_same > 0,
-            f"train.lambda_chg={self.lambda_chg}, lambda_same={self.lambda_same} must be >= 0, not both 0",
-        )
-        for k in ("eval_every", "eval_batches", "ckpt_every", "log_every"):
+        for k in ("eval_every", "eval_batches", "ckpt_every", "log_every", "val_sequences", "bound_steps"):
             _check(getattr(self, k) >= 1, f"train.{k}={getattr(self, k)} must be >= 1")
 
 
@@ -129,16 +123,33 @@ class KernelConfig:
     gamma: float = 1.0
     k: int = 8  # fixed neighbourhood of the knn kernel
     nu: str = "uniform"  # global jump distribution: "uniform" over valid ids or "unigram" (prior stage)
+    lambda_chg: float = 1.0  # Eq. 120 weight of positions the kernel changed
+    lambda_same: float = 1.0  # Eq. 120 weight of unchanged positions
+    time_weight: str = "elbo"  # "elbo": -alpha'_t / (1 - alpha_t) on the CE (the mask NELBO); "none": Eq. 3
 
     def __post_init__(self) -> None:
         _check(self.nu in ("uniform", "unigram"), f"nu={self.nu!r} is unknown; use 'uniform' or 'unigram'")
         _check(self.k >= 1 and self.k_max >= 1, f"k={self.k}, k_max={self.k_max} must be >= 1")
+        _check(self.time_weight in ("elbo", "none"), f"time_weight={self.time_weight!r}: use 'elbo' or 'none'")
+        _check(
+            self.lambda_chg >= 0 and self.lambda_same >= 0 and self.lambda_chg + self.lambda_same > 0,
+            f"lambda_chg={self.lambda_chg}, lambda_same={self.lambda_same} must be >= 0, not both 0",
+        )
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    name: str = "ancestral"
+    name: str = "ancestral"  # "ancestral" (exact reverse coupling), "tau_leaping" (mask/uniform), "blockwise"
     steps: int = 64
+    cache: bool = True  # ancestral + mask: no network call at steps where nothing is revealed
+    corrector_steps: int = 0  # tau_leaping: corrector steps after each predictor step
+    strides: int = 2  # blockwise: semi-autoregressive blocks (paper: 2)
+    top_p: float = 1.0  # blockwise: nucleus truncation of the clean proposal
+    rho: float = 1.0  # blockwise: confidence exponent of Eq. 121
+    freeze_threshold: float = 1.0  # blockwise: freeze a position once p(x_t^i | x_t) exceeds this (1 = never)
+    lambda_freq: float = 0.0  # Eq. 23 frequency penalty
+    lambda_sem: float = 0.0  # Eq. 23 semantic-frequency penalty
+    window: int = 16  # Eq. 23 window: positions on each side counted in n_W
     num_samples: int = 32
     batch_size: int = 32
     seed: int = 0
@@ -149,6 +160,15 @@ class SamplerConfig:
             f"sampler.name={self.name!r} is unknown; choose one of {', '.join(SAMPLER_NAMES)}",
         )
         _check(self.steps >= 1, f"sampler.steps={self.steps} must be >= 1")
+        _check(self.strides >= 1, f"sampler.strides={self.strides} must be >= 1")
+        _check(self.corrector_steps >= 0, f"sampler.corrector_steps={self.corrector_steps} must be >= 0")
+        _check(self.steps >= self.strides, f"sampler.steps={self.steps} must be >= sampler.strides={self.strides}")
+        _check(0 < self.top_p <= 1, f"sampler.top_p={self.top_p} must be in (0, 1]")
+        _check(self.rho >= 0, f"sampler.rho={self.rho} must be >= 0 (Eq. 121)")
+        _check(0 < self.freeze_threshold <= 1, f"sampler.freeze_threshold={self.freeze_threshold} must be in (0, 1]")
+        _check(self.lambda_freq >= 0 and self.lambda_sem >= 0,
+               f"sampler.lambda_freq={self.lambda_freq}, lambda_sem={self.lambda_sem} must be >= 0")
+        _check(self.window >= 1, f"sampler.window={self.window} must be >= 1")
         _check(self.num_samples >= 1, f"sampler.num_samples={self.num_samples} must be >= 1")
         _check(self.batch_size >= 1, f"sampler.batch_size={self.batch_size} must be >= 1")
 

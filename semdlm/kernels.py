@@ -76,6 +76,15 @@ class Kernel:
 
     def sample_xt(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw x_t ~ q(. | x_0) per token; ``t`` has one entry per sequence ([B]) and x0 is [B, L]."""
+        return self.corrupt(x0, t, generator)[0]
+
+    def corrupt(
+        self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, z) with z = True where the token took the corruption branch (prob. 1 - alpha_t).
+
+        A corrupted token can still equal x_0 (nu may put mass on it); z is what the likelihood bound needs.
+        """
         a, b, _, k = (c.view(-1, *([1] * (x0.dim() - 1))) for c in self.coefficients(t))
         u = torch.rand(x0.shape, dtype=torch.float64, generator=generator)
         xt = torch.where(u < a + b, self.sample_nu(tuple(x0.shape), generator), x0)
@@ -84,7 +93,7 @@ class Kernel:
             v = torch.rand(x0.shape, dtype=torch.float64, generator=generator)
             rank = torch.floor(v * k).long().clamp_max(k.expand_as(x0) - 1)  # uniform over the top-k_t
             xt = torch.where(u >= a + b, self.neighbours[x0, rank], xt)
-        return xt
+        return xt, u >= a
 
     def probs(self, x0: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """Closed-form rows q(x_t = . | x_0) as a dense [N, V] float64 tensor (for N positions, never V x V)."""

@@ -50,7 +50,3 @@ def change_aware_loss(
     w = lambda_chg * changed + lambda_same * (1.0 - changed)
     return (w * omega.to(ce.dtype)[:, None] * ce).sum() / w.sum().clamp_min(1e-12)
 
-
-def mask_nelbo(ce: torch.Tensor, kernel: Kernel, t: torch.Tensor) -> torch.Tensor:
-    """Per-sequence MDLM NELBO estimate in nats/token: omega(t) * sum_{masked i} CE_i / L."""
-    return time_weight(kernel, t).to(ce.dtype) * ce.sum(1) / ce.shape[1]

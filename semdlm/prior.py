@@ -25,6 +25,14 @@ def valid_mask(tokens: Sequence[str], counts: np.ndarray, min_count: int) -> np.
     return ok & (counts >= min_count)
 
 
+def smoothed_unigram(counts: np.ndarray, exclude: int) -> np.ndarray:
+    """Add-one smoothed unigram over all ids but ``exclude`` ([MASK]): the x_0 law m of the references,
+    of the bounds' t=1 term and of the model's initial output bias."""
+    c = counts.astype(np.float64) + 1.0
+    c[exclude] = 0.0
+    return c / c.sum()
+
+
 def global_jump(counts: np.ndarray, valid: np.ndarray, tau: float) -> np.ndarray:
     """nu_tau(j) = 1[j valid] count(j)^tau / sum_k 1[k valid] count(k)^tau (Eq. 119); tau=0 -> uniform."""
     if not valid.any():

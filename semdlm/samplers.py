@@ -1,9 +1,9 @@
 """Reverse-process samplers. All categorical draws use float64 probabilities and float64 uniforms.
 
-``ancestral`` is MDLM's sampler for the absorbing kernel: going from t to s < t, each masked position is
-revealed with probability (alpha_s - alpha_t) / (1 - alpha_t) and then drawn from p_theta(x_0 | x_t). Which
-positions change is decided first, the categorical draw is made only there, and the network is not called
-at a step where nothing changes.
+``ancestral`` works for every kernel. For the absorbing kernel it is MDLM's sampler: going from t to s < t,
+each masked position is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t) and then drawn from
+p_theta(x_0 | x_t); which positions change is decided first, the categorical draw is made only there, and
+the network is not called at a step where nothing changes.
 """
 
 from __future__ import annotations
@@ -13,9 +13,24 @@ from dataclasses import dataclass
 
 import torch
 
+from semdlm.coupling import reverse_step
+from semdlm.ctmc import is_markov, model_ratio, rate
 from semdlm.kernels import Kernel
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t [B, L], t [B]) -> logits [B, L, V]
+# (logits [N, V], x [B, L], positions [N, 2]) -> logits: e.g. the Eq. 23 penalties; identity when None
+Transform = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of ids whose probability reaches ``top_p`` (nucleus); -inf elsewhere. float64."""
+    logits = logits.to(torch.float64)
+    if top_p >= 1.0:
+        return logits
+    p, order = torch.softmax(logits, -1).sort(-1, descending=True)
+    drop_sorted = (p.cumsum(-1) - p) >= top_p  # mass before this id already reaches top_p
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def categorical(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -39,24 +54,170 @@ def ancestral(
     seq_len: int,
     steps: int,
     generator: torch.Generator | None = None,
+    x0_dist: torch.Tensor | None = None,
     on_step: Callable[[], None] | None = None,
+    transform: Transform | None = None,
+    cache: bool = True,
 ) -> SampleResult:
-    """MDLM ancestral sampling for the absorbing kernel, ``steps`` uniform steps from t=1 to t=0."""
-    if not kernel.is_absorbing:
-        raise ValueError(f"sampler 'ancestral' needs the absorbing kernel 'mask', not {kernel.name!r}")
-    x = torch.full((num, seq_len), kernel.mask_id, dtype=torch.long)
+    """Ancestral sampling x_s ~ sum_x0 p_theta(x_0 | x_t) q(x_s | x_t, x_0) on ``steps`` uniform steps, 1 -> 0.
+
+    Absorbing kernel: MDLM's sampler (reveal first, draw only where revealed, skip the network when nothing
+    is revealed; ``cache=False`` calls it at every step, as MDLM's plain sampler, with identical output).
+    Other kernels: draw x_0 ~ p_theta(. | x_t) per position, then the reverse coupling of
+    ``semdlm.coupling`` (exact marginals q_s). x_1 comes from the kernel's reference distribution with
+    x_0 ~ ``x0_dist`` (needed only by kernels whose t=1 law depends on x_0, e.g. knn).
+    """
+    if kernel.is_absorbing:
+        x = torch.full((num, seq_len), kernel.mask_id, dtype=torch.long)
+    else:
+        if x0_dist is None and (kernel.schedule.alpha_min > 0 or kernel.uses_neighbours):
+            raise ValueError(f"kernel {kernel.name!r} needs x0_dist to draw its t=1 reference distribution")
+        dist = x0_dist if x0_dist is not None else kernel.nu
+        x = kernel.sample_prior((num, seq_len), dist, generator)
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     nfe = 0
     for k in range(steps):
-        t, s = grid[k], grid[k + 1]
-        a_t, a_s = kernel.schedule.alpha(t), kernel.schedule.alpha(s)
-        reveal_p = (a_s - a_t) / (1.0 - a_t)
-        u = torch.rand(x.shape, dtype=torch.float64, generator=generator)
-        reveal = (x == kernel.mask_id) & (u < reveal_p)
-        if reveal.any():
-            logits = denoise(x, torch.full((num,), float(t)))
+        t, s = float(grid[k]), float(grid[k + 1])
+        tt = torch.full((num,), t)
+        if kernel.is_absorbing:
+            a_t, a_s = kernel.schedule.alpha(grid[k]), kernel.schedule.alpha(grid[k + 1])
+            u = torch.rand(x.shape, dtype=torch.float64, generator=generator)
+            reveal = (x == kernel.mask_id) & (u < (a_s - a_t) / (1.0 - a_t))
+            if not cache and not reveal.any():
+                denoise(x, tt)  # the plain sampler's network call, whose output no position uses
+                nfe += 1
+            if reveal.any():
+                logits = denoise(x, tt)[reveal]
+                if transform is not None:
+                    logits = transform(logits, x, reveal.nonzero())
+                x[reveal] = categorical(logits, generator)
+                nfe += 1
+        else:
+            logits = denoise(x, tt).reshape(num * seq_len, -1)
             nfe += 1
-            x[reveal] = categorical(logits[reveal], generator)
+            if transform is not None:
+                logits = transform(logits, x, torch.ones_like(x, dtype=torch.bool).nonzero())
+            x0_hat = categorical(logits, generator)
+            x = reverse_step(kernel, x.reshape(-1), x0_hat, t, s, generator).view(num, seq_len)
         if on_step is not None:
             on_step()
+    return SampleResult(x, nfe)
+
+
+def _leap(x: torch.Tensor, jump: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One tau-leaping step per position: jump to y with probability jump[y] (row total capped at 1), else stay."""
+    total = jump.sum(-1, keepdim=True)
+    jump = torch.where(total > 1, jump / total, jump)
+    probs = jump.scatter(-1, x[:, None], (1 - jump.sum(-1, keepdim=True)).clamp_min(0.0))
+    cdf = probs.cumsum(-1)
+    u = torch.rand(len(x), 1, dtype=torch.float64, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(probs.shape[1] - 1)
+
+
+def tau_leaping(
+    denoise: Denoise,
+    kernel: Kernel,
+    num: int,
+    seq_len: int,
+    steps: int,
+    generator: torch.Generator | None = None,
+    corrector_steps: int = 0,
+    transform: Transform | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> SampleResult:
+    """CTMC tau-leaping (Campbell et al. 2022) for the Markov kernels (mask, uniform), with predictor-corrector.
+
+    Predictor over [s, t]: jump x -> y with probability R^_t(x -> y) (t - s), R^ = lambda_t nu(x) s(y) the
+    model's reverse rate (``semdlm.ctmc``). Corrector at level s (``corrector_steps`` times): forward plus
+    reverse rates, lambda_s nu(y) + R^_s(x -> y), which leave q_s invariant. NFE = steps * (1 + corrector_steps).
+    """
+    if not is_markov(kernel):
+        raise ValueError(
+            f"sampler tau_leaping needs a Markov kernel (mask, uniform); {kernel.name!r} is not one: "
+            "use sampler.name=ancestral or blockwise"
+        )
+    x = kernel.sample_nu((num, seq_len), generator).reshape(-1)
+    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    nfe = 0
+
+    def jumps(level: torch.Tensor, dt: float, forward: bool) -> torch.Tensor:
+        nonlocal nfe
+        logits = denoise(x.view(num, seq_len), torch.full((num,), float(level))).reshape(num * seq_len, -1)
+        nfe += 1
+        if transform is not None:
+            logits = transform(logits, x.view(num, seq_len), torch.ones(num, seq_len, dtype=torch.bool).nonzero())
+        p = torch.softmax(logits.double(), -1)
+        a = kernel.schedule.alpha(level)
+        lam = rate(kernel, level).clamp_max(1e12)
+        r = lam * kernel.nu[x][:, None] * model_ratio(p, x, kernel, a)
+        if forward:
+            r = r + lam * kernel.nu
+        return (r * dt).scatter(-1, x[:, None], 0.0)
+
+    for k in range(steps):
+        t, s = grid[k].clamp_max(1 - 1e-9), grid[k + 1]
+        x = _leap(x, jumps(t, float(t - s), forward=False), generator)
+        for _ in range(corrector_steps):
+            x = _leap(x, jumps(s.clamp_min(1e-9), float(t - s), forward=True), generator)
+        if on_step is not None:
+            on_step()
+    return SampleResult(x.view(num, seq_len), nfe)
+
+
+def blockwise(
+    denoise: Denoise,
+    kernel: Kernel,
+    num: int,
+    seq_len: int,
+    steps: int,
+    strides: int,
+    generator: torch.Generator | None = None,
+    x0_dist: torch.Tensor | None = None,
+    top_p: float = 1.0,
+    rho: float = 0.0,
+    freeze_threshold: float = 1.0,
+    transform: Transform | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> SampleResult:
+    """The paper's semi-autoregressive "blockwise predictor" sampler (Sec. 5, App. E.1, Eq. 121).
+
+    The sequence is cut into ``strides`` blocks, denoised left to right with ``steps // strides`` steps each;
+    every position starts from the kernel's reference distribution (nu for mask, uniform and SemDLM+). At a
+    step t -> s of the current block: predict p_theta(x_0 | x_t), apply ``transform`` (penalties), truncate
+    to ``top_p``, draw a clean proposal x^_0 and project it to level s with the kernel's reverse coupling
+    q(x_s | x_t, x^_0) (``semdlm.coupling``: a corrupted token is replaced by x^_0 with probability
+    (p_t - p_s) / p_t, p_t = 1 - alpha_t, else moved within the level-s kernel). The projected token is
+    accepted with probability (1 - p_theta(x_t^i | x_t))^rho (Eq. 121's confidence factor), never at frozen
+    positions (confidence above ``freeze_threshold``). With rho = 0, no freezing and top_p = 1 this is the
+    exact ancestral sampler run block by block. NFE = strides * (steps // strides).
+    """
+    if seq_len % strides:
+        raise ValueError(f"strides={strides} does not divide seq_len={seq_len}")
+    per_block = max(1, steps // strides)
+    block = seq_len // strides
+    if kernel.is_absorbing:
+        x = torch.full((num, seq_len), kernel.mask_id, dtype=torch.long)
+    else:
+        x = kernel.sample_prior((num, seq_len), x0_dist if x0_dist is not None else kernel.nu, generator)
+    grid = torch.linspace(1.0, 0.0, per_block + 1, dtype=torch.float64)
+    nfe = 0
+    for b in range(strides):
+        lo, hi = b * block, (b + 1) * block
+        frozen = torch.zeros(num, block, dtype=torch.bool)
+        pos = torch.stack(torch.meshgrid(torch.arange(num), torch.arange(lo, hi), indexing="ij"), -1).reshape(-1, 2)
+        for k in range(per_block):
+            t, s = float(grid[k]), float(grid[k + 1])
+            logits = denoise(x, torch.full((num,), t))[:, lo:hi].reshape(num * block, -1)
+            nfe += 1
+            current = x[:, lo:hi].reshape(-1)
+            conf = torch.softmax(logits.double(), -1).gather(-1, current[:, None]).squeeze(-1).view(num, block)
+            frozen |= conf > freeze_threshold
+            if transform is not None:
+                logits = transform(logits, x, pos)
+            x0_hat = categorical(top_p_filter(logits, top_p), generator)
+            proposal = reverse_step(kernel, current, x0_hat, t, s, generator).view(num, block)
+            accept = torch.rand(num, block, dtype=torch.float64, generator=generator) < (1.0 - conf).clamp_min(0) ** rho
+            x[:, lo:hi] = torch.where(accept & ~frozen, proposal, x[:, lo:hi])
+            if on_step is not None:
+                on_step()
     return SampleResult(x, nfe)

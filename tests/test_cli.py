@@ -179,3 +179,41 @@ def test_training_killed_after_a_checkpoint_resumes_to_the_same_parameters(works
     resumed = torch.load("models/mask/model.pt", weights_only=True)["state_dict"]
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0)
+
+
+def test_tokenize_reads_a_local_datasets_directory(tmp_path, evaluator_dir):
+    import datasets
+
+    from pipeline.common import load_params
+    from pipeline.tokenize import read_corpus
+
+    texts = [f"document number {i} talks about markets and football." for i in range(6)]
+    datasets.Dataset.from_dict({"body": texts}).save_to_disk(str(tmp_path / "ds"))
+    write_params(tmp_path / "params.yaml", evaluator_dir, data={"source": str(tmp_path / "ds"), "text_field": "body"})
+    with cwd(tmp_path):
+        assert read_corpus(load_params().data) == texts
+
+
+def test_unreachable_dataset_id_is_a_clear_error(tmp_path, evaluator_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    write_params(tmp_path / "params.yaml", evaluator_dir, data={"source": "someone/no-such-dataset"})
+    with cwd(tmp_path):
+        assert_bad_input(invoke("tokenize"), "someone/no-such-dataset", "cannot load")
+
+
+def test_tau_leaping_with_a_semantic_kernel_is_refused_before_sampling(workspace):
+    p = yaml.safe_load((workspace / "params.yaml").read_text())
+    p["kernels"] = {"mask": {}, "knn": {"k": 4}}
+    p["sampler"]["name"] = "tau_leaping"
+    (workspace / "params.yaml").write_text(yaml.safe_dump(p))
+    assert_bad_input(invoke("sample", "--kernel", "knn"), "tau_leaping does not support kernel 'knn'")
+    assert not Path("samples/knn").exists()
+
+
+def test_alpha_plus_beta_above_one_is_refused_before_training(workspace):
+    p = yaml.safe_load((workspace / "params.yaml").read_text())
+    p["kernels"] = {"semdlm_plus": {"alpha_min": 0.5, "beta_max": 0.9, "eta": 1.0, "k_max": 4}}
+    (workspace / "params.yaml").write_text(yaml.safe_dump(p))
+    assert_bad_input(invoke("train", "--kernel", "semdlm_plus"), "alpha_t + beta_t", "lower beta_max")
+    assert not Path("checkpoints/semdlm_plus").exists()

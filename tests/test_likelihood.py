@@ -1,54 +1,83 @@
+import pytest
 import torch
 
 from semdlm.kernels import masking
-from semdlm.likelihood import sequence_nelbo
-from semdlm.loss import change_aware_loss, mask_nelbo, stratified_times, time_weight, token_ce
+from semdlm.likelihood import coupling_bound, ctmc_nelbo, ctmc_nelbo_terms, prior_kl
+from semdlm.loss import change_aware_loss, stratified_times, time_weight, token_ce
+from tests.test_kernels import kernels
 from tests.toy import Toy
 
-
-def mc_nelbo(toy: Toy, kernel, n: int, seed: int = 0) -> tuple[float, float]:
-    """Monte-Carlo E_{x0 ~ data}[NELBO(x0)] in nats/sequence with the exact-posterior denoiser, and its s.e."""
-    gen = torch.Generator().manual_seed(seed)
-    x0 = toy.sample(n, gen)
-    t = stratified_times(n, 0.0, gen).clamp_min(1e-6)
-    per_seq = sequence_nelbo(toy.denoiser(kernel), kernel, x0, t, gen) * toy.L
-    return float(per_seq.mean()), float(per_seq.std() / n**0.5)
+N = 4000
 
 
-def test_mask_nelbo_with_exact_posterior_is_at_least_and_close_to_true_nll():
-    toy = Toy(V=4, L=2)
-    kernel = masking(toy.vocab, mask_id=toy.V)
-    nelbo, se = mc_nelbo(toy, kernel, 6000)
-    H = toy.entropy()
-    # for the absorbing kernel with exact conditionals the NELBO equals the NLL (any-order chain rule)
-    assert nelbo >= H - 4 * se, (nelbo, H, se)
-    assert abs(nelbo - H) < 4 * se + 0.02, (nelbo, H, se)
+def toy_and_prior():
+    toy = Toy(V=6, L=2, extra=2)  # the 8-token kernels of test_kernels; ids 6, 7 never occur in data
+    return toy, toy.token_marginal()
 
 
-def test_mask_nelbo_of_a_wrong_denoiser_is_above_true_nll():
-    toy = Toy(V=4, L=2)
-    kernel = masking(toy.vocab, mask_id=toy.V)
-    uniform_guess = lambda xt, t: torch.zeros(*xt.shape, toy.vocab)  # noqa: E731
+def estimate(per_seq: torch.Tensor, L: int) -> tuple[float, float]:
+    v = per_seq * L  # nats per sequence
+    return float(v.mean()), float(v.std() / len(v) ** 0.5)
+
+
+@pytest.mark.parametrize("name", ["mask", "uniform"])
+def test_ctmc_nelbo_with_exact_posterior_is_at_least_and_close_to_true_nll(name):
+    toy, _ = toy_and_prior()
+    kernel = kernels()[name]
     gen = torch.Generator().manual_seed(0)
-    x0 = toy.sample(4000, gen)
-    t = stratified_times(4000, 0.0, gen).clamp_min(1e-6)
-    nelbo = float(sequence_nelbo(uniform_guess, kernel, x0, t, gen).mean()) * toy.L
-    assert nelbo > toy.entropy() + 0.1
+    x0 = toy.sample(N, gen)
+    nelbo, se = estimate(ctmc_nelbo(toy.denoiser(kernel), kernel, x0, stratified_times(N, 0.0, gen), gen), toy.L)
+    H = toy.entropy()
+    # with the exact reverse process the path KL vanishes: NELBO = NLL (up to Monte-Carlo error)
+    assert nelbo >= H - 4 * se, (nelbo, H, se)
+    assert abs(nelbo - H) < 4 * se + 0.05, (nelbo, H, se)
 
 
-def test_change_aware_loss_with_unit_weights_is_the_mask_nelbo():
+@pytest.mark.parametrize("name", ["mask", "uniform", "knn", "semdlm_plus"])
+@pytest.mark.parametrize("T", [1, 8])
+def test_coupling_bound_with_exact_posterior_is_at_least_true_nll(name, T):
+    toy, m = toy_and_prior()
+    kernel = kernels()[name]
+    gen = torch.Generator().manual_seed(0)
+    x0 = toy.sample(N, gen)
+    bound, se = estimate(coupling_bound(toy.denoiser(kernel), kernel, x0, T, prior_kl(kernel, m), gen), toy.L)
+    assert bound >= toy.entropy() - 4 * se, (bound, toy.entropy(), se)
+
+
+def test_coupling_bound_of_the_absorbing_kernel_is_close_to_true_nll():
+    toy, m = toy_and_prior()
+    kernel = kernels()["mask"]
+    gen = torch.Generator().manual_seed(1)
+    x0 = toy.sample(N, gen)
+    bound, se = estimate(coupling_bound(toy.denoiser(kernel), kernel, x0, 16, prior_kl(kernel, m), gen), toy.L)
+    assert abs(bound - toy.entropy()) < 4 * se + 0.05  # discrete-time MDLM bound, no corruption ambiguity
+
+
+def test_bounds_of_a_wrong_denoiser_are_above_true_nll():
+    toy, m = toy_and_prior()
+    guess = lambda xt, t: torch.zeros(*xt.shape, toy.vocab)  # noqa: E731 - uniform prediction
+    for name in ("mask", "semdlm_plus"):
+        kernel = kernels()[name]
+        gen = torch.Generator().manual_seed(0)
+        x0 = toy.sample(N, gen)
+        bound, _ = estimate(coupling_bound(guess, kernel, x0, 4, prior_kl(kernel, m), gen), toy.L)
+        assert bound > toy.entropy() + 0.3
+
+
+def test_change_aware_loss_with_unit_weights_is_the_mask_ctmc_nelbo():
     torch.manual_seed(0)
     kernel = masking(6, mask_id=5)
     x0 = torch.randint(0, 5, (8, 10))
-    t = torch.rand(8, dtype=torch.float64)
+    t = torch.rand(8, dtype=torch.float64) * 0.98 + 0.01
     xt = kernel.sample_xt(x0, t)
     logits = torch.randn(8, 10, 6)
+    logits[..., 5] = float("-inf")
     ce = token_ce(logits, x0, xt, kernel)
     loss = change_aware_loss(ce, x0, xt, time_weight(kernel, t), 1.0, 1.0)
-    torch.testing.assert_close(loss, mask_nelbo(ce, kernel, t).mean().float())
-    # lambda_same = 0 changes the normaliser (mean over masked positions only): no longer the NELBO
-    other = change_aware_loss(ce, x0, xt, time_weight(kernel, t), 1.0, 0.0)
-    assert not torch.isclose(other, loss)
+    nelbo = ctmc_nelbo_terms(logits, x0, xt, kernel, t).mean()  # the general CTMC formula, written separately
+    torch.testing.assert_close(loss.double(), nelbo, rtol=1e-5, atol=1e-6)
+    other = change_aware_loss(ce, x0, xt, time_weight(kernel, t), 1.0, 0.0)  # lambda_same = 0: not the NELBO
+    assert not torch.isclose(other.double(), nelbo)
 
 
 def test_stratified_times_cover_the_interval_evenly():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from semdlm.kernels import masking, uniform
-from semdlm.samplers import ancestral, categorical
+from semdlm.kernels import masking
+from semdlm.samplers import ancestral, blockwise, categorical, tau_leaping
 from tests.toy import Toy
 
 
@@ -20,9 +20,11 @@ def test_ancestral_with_exact_posterior_reproduces_the_data_distribution():
     assert empirical_tv(toy, res.ids) < 0.04
 
 
-def test_ancestral_refuses_a_non_absorbing_kernel():
-    with pytest.raises(ValueError, match="absorbing"):
-        ancestral(lambda x, t: x, uniform(torch.ones(5, dtype=torch.bool)), 2, 3, 4)
+def test_knn_sampling_needs_the_x0_law_of_its_reference_distribution():
+    from tests.test_kernels import kernels
+
+    with pytest.raises(ValueError, match="x0_dist"):
+        ancestral(lambda x, t: torch.zeros(*x.shape, 8), kernels()["knn"], 2, 3, 4)
 
 
 def test_categorical_draws_in_float64_keep_tiny_tail_probabilities():
@@ -46,3 +48,101 @@ def test_ancestral_skips_the_network_when_nothing_is_revealed():
 
     res = ancestral(denoise, kernel, 1, 1, steps=50, generator=torch.Generator().manual_seed(0))
     assert res.nfe == len(calls) == 1  # one position is revealed at exactly one step
+
+
+@pytest.mark.parametrize("name", ["uniform", "knn", "semdlm_plus"])
+def test_ancestral_with_exact_posterior_reproduces_data_for_every_kernel(name):
+    from tests.test_kernels import NEIGHBOURS, kernels
+
+    toy = Toy(V=6, L=2, extra=2)  # ids 6, 7 exist in the kernel vocabulary but never in data
+    kernel = kernels()[name]
+    assert kernel.vocab_size == toy.vocab and NEIGHBOURS.shape[0] == toy.vocab
+    gen = torch.Generator().manual_seed(0)
+    res = ancestral(toy.denoiser(kernel), kernel, 6000, toy.L, steps=64, generator=gen, x0_dist=toy.token_marginal())
+    assert (res.ids < toy.V).all()
+    assert empirical_tv(toy, res.ids) < 0.06  # 36 states, 6000 draws: noise alone gives TV ~ 0.03
+
+
+@pytest.mark.parametrize(("name", "strides"), [("mask", 2), ("uniform", 1), ("semdlm_plus", 1)])
+def test_blockwise_with_exact_posterior_and_rho_zero_reproduces_data(name, strides):
+    # (strides > 1 is exact only for mask: the exact posterior assumes one noise level for the whole
+    # sequence, but a not-yet-denoised stride of a uniform-type kernel is noisier than the current one)
+    from tests.test_kernels import kernels
+
+    toy = Toy(V=6, L=2, extra=2)
+    kernel = kernels()[name]
+    gen = torch.Generator().manual_seed(0)
+    res = blockwise(toy.denoiser(kernel), kernel, 6000, toy.L, steps=64, strides=strides, generator=gen,
+                    x0_dist=toy.token_marginal())
+    assert res.nfe == 64
+    assert empirical_tv(toy, res.ids) < 0.06
+
+
+def test_blockwise_tv_shrinks_with_more_steps():
+    from tests.test_kernels import kernels
+
+    toy = Toy(V=6, L=2, extra=2)
+    kernel = kernels()["uniform"]
+    tv = []
+    for steps in (2, 64):
+        gen = torch.Generator().manual_seed(0)
+        res = blockwise(toy.denoiser(kernel), kernel, 6000, toy.L, steps=steps, strides=1, generator=gen)
+        tv.append(empirical_tv(toy, res.ids))
+    assert tv[1] < tv[0] - 0.03, tv
+
+
+def test_blockwise_rejects_strides_that_do_not_divide_the_length():
+    from tests.test_kernels import kernels
+
+    with pytest.raises(ValueError, match="strides=3 does not divide seq_len=8"):
+        blockwise(lambda x, t: torch.zeros(*x.shape, 8), kernels()["mask"], 1, 8, 6, 3)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    from semdlm.samplers import top_p_filter
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64))
+    kept = torch.isfinite(top_p_filter(logits, 0.75))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_p_filter(logits, 1.0)).all()
+
+
+@pytest.mark.parametrize("name", ["mask", "uniform"])
+def test_tau_leaping_with_exact_posterior_converges_to_data_as_steps_grow(name):
+    from tests.test_kernels import kernels
+
+    toy = Toy(V=6, L=2, extra=2)
+    kernel = kernels()[name]
+    tv = []
+    for steps in (4, 128):
+        res = tau_leaping(toy.denoiser(kernel), kernel, 6000, toy.L, steps, torch.Generator().manual_seed(0))
+        assert res.nfe == steps
+        tv.append(empirical_tv(toy, res.ids))
+    assert tv[1] < 0.06 and tv[1] < tv[0], tv
+
+
+def test_tau_leaping_corrector_keeps_the_exact_distribution():
+    from tests.test_kernels import kernels
+
+    toy = Toy(V=6, L=2, extra=2)
+    kernel = kernels()["uniform"]
+    res = tau_leaping(toy.denoiser(kernel), kernel, 6000, toy.L, 64, torch.Generator().manual_seed(1),
+                      corrector_steps=1)
+    assert res.nfe == 128
+    assert empirical_tv(toy, res.ids) < 0.06
+
+
+def test_tau_leaping_refuses_a_non_markov_kernel():
+    from tests.test_kernels import kernels
+
+    with pytest.raises(ValueError, match="tau_leaping needs a Markov kernel"):
+        tau_leaping(lambda x, t: torch.zeros(*x.shape, 8), kernels()["semdlm_plus"], 1, 2, 4)
+
+
+def test_cached_ancestral_is_bit_identical_to_plain_with_fewer_network_calls():
+    toy = Toy(V=4, L=3)
+    kernel = masking(toy.vocab, mask_id=toy.V)
+    runs = [ancestral(toy.denoiser(kernel), kernel, 4, toy.L, 64, torch.Generator().manual_seed(5), cache=c)
+            for c in (True, False)]
+    assert torch.equal(runs[0].ids, runs[1].ids)
+    assert runs[1].nfe == 64 and runs[0].nfe <= 12  # 12 positions: at most 12 steps reveal something

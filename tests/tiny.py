@@ -6,6 +6,8 @@ from pathlib import Path
 
 import yaml
 
+REPO = Path(__file__).resolve().parents[1]
+
 TINY_PARAMS = {
     "data": {"source": "bbcnews", "seq_len": 16, "max_docs": 60, "min_count": 3, "valid_fraction": 0.1},
     "graph": {"k_max": 8, "chunk_size": 256},
@@ -39,9 +41,12 @@ def tiny_evaluator(path: Path) -> Path:
 
 
 def write_params(path: Path, evaluator: Path, **overrides: dict) -> Path:
-    params = {k: dict(v) for k, v in TINY_PARAMS.items()}
+    """The repository's params.yaml with TINY_PARAMS and ``overrides`` merged in (every key stays present)."""
+    from pipeline.profile import deep_merge
+
+    params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PARAMS)
     params["eval"]["model"] = str(evaluator)
-    for section, values in overrides.items():
-        params[section] = {**params.get(section, {}), **values} if section != "kernels" else values
+    params = deep_merge(params, overrides)
+    params["kernels"] = overrides.get("kernels", TINY_PARAMS["kernels"])
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path

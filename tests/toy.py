@@ -24,6 +24,11 @@ class Toy:
         """True NLL of the data law, E[-log p(x_0)] in nats per sequence."""
         return float(-(self.p * self.p.log()).sum())
 
+    def token_marginal(self) -> torch.Tensor:
+        """Law of a single data token (over the kernel vocabulary): the x_0 law m of reference distributions."""
+        m = torch.zeros(self.vocab, dtype=torch.float64)
+        return m.index_add_(0, self.seqs.reshape(-1), self.p.repeat_interleave(self.L)) / self.L
+
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         return self.seqs[torch.multinomial(self.p, n, replacement=True, generator=generator)]
 
