@@ -82,10 +82,6 @@ def load_unigram(vocab: Vocab) -> torch.Tensor:
     return torch.from_numpy(smoothed_unigram(load_prior()["count"].numpy(), vocab.mask))
 
 
-def load_neighbours() -> torch.Tensor:
-    return load_graph()[0]
-
-
 def load_graph() -> tuple[torch.Tensor, torch.Tensor]:
     """The [V, k_max] neighbour ids and their cosine similarities."""
     df = read_parquet(GRAPH, "graph")
@@ -100,7 +96,7 @@ def load_kernel(name: str, params: Params, vocab: Vocab) -> Kernel:
         )
     prior = load_prior()
     cfg = params.kernels[name]
-    neighbours = load_neighbours() if name in ("knn", "semdlm_plus") else None
+    neighbours = load_graph()[0] if name in ("knn", "semdlm_plus") else None
     try:
         return build_kernel(name, cfg, mask_id=vocab.mask, valid=prior["valid"], unigram_nu=prior["nu"],
                             neighbours=neighbours)

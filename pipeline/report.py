@@ -85,7 +85,7 @@ def plot_training(params: Params, unigram_ce: float, path: Path) -> None:
         va = pd.read_csv(metrics_dir(k) / "val_log.tsv", sep="\t")
         a.plot(tr["step"], tr["loss"], label=k)
         b.plot(va["step"], va["val_nelbo"], marker="o", label=k)
-    for ax, title in ((a, "training loss"), (b, "validation NELBO bound (nats/token)")):
+    for ax, title in ((a, "training loss (each kernel's own Eq. 120 objective)"), (b, "validation bound (nats/token)")):
         ax.axhline(unigram_ce, color="grey", ls="--", lw=1, label="unigram CE (valid)")
         ax.set_xlabel("step")
         ax.set_title(title)

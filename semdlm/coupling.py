@@ -107,7 +107,7 @@ def reverse_step(
     q_t = ct.alpha * (xt == x0) + (1 - ct.alpha) * corruption_prob(kernel, xt, x0, ct)
     clean = ct.alpha * (xt == x0) / q_t.clamp_min(1e-300)  # P(z_t = 1 | x_t, x_0)
     pi = (cs.alpha - ct.alpha) / (1 - ct.alpha).clamp_min(1e-300)
-    u = torch.rand(n, 3, dtype=torch.float64, generator=gen)
+    u = torch.rand(n, 2, dtype=torch.float64, generator=gen)
     to_clean = u[:, 0] < clean + (1 - clean) * pi
     keep = u[:, 1] < keep_prob(kernel, xt, x0, ct, cs)
     out = torch.where(to_clean, x0, xt)

@@ -33,12 +33,26 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of (unnormalised) float64 ``probs`` ([N, V]) by inverse CDF."""
+    cdf = torch.cumsum(probs, dim=-1)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(probs.shape[1] - 1)
+
+
 def categorical(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row of ``logits`` ([N, V]) by inverse CDF in float64."""
-    p = torch.softmax(logits.to(torch.float64), dim=-1)
-    cdf = torch.cumsum(p, dim=-1)
-    u = torch.rand(p.shape[0], 1, dtype=torch.float64, generator=generator) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(p.shape[1] - 1)
+    """One draw per row of ``logits`` ([N, V]), with float64 probabilities and uniforms."""
+    return draw(torch.softmax(logits.to(torch.float64), dim=-1), generator)
+
+
+def initial_state(kernel: Kernel, num: int, seq_len: int, x0_dist: torch.Tensor | None,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """x_1 from the kernel's reference distribution, with x_0 ~ ``x0_dist`` where that law depends on x_0."""
+    if kernel.is_absorbing:
+        return torch.full((num, seq_len), kernel.mask_id, dtype=torch.long)
+    if x0_dist is None and (kernel.schedule.alpha_min > 0 or kernel.uses_neighbours):
+        raise ValueError(f"kernel {kernel.name!r} needs x0_dist to draw its t=1 reference distribution")
+    return kernel.sample_prior((num, seq_len), x0_dist if x0_dist is not None else kernel.nu, generator)
 
 
 @dataclass
@@ -67,13 +81,7 @@ def ancestral(
     ``semdlm.coupling`` (exact marginals q_s). x_1 comes from the kernel's reference distribution with
     x_0 ~ ``x0_dist`` (needed only by kernels whose t=1 law depends on x_0, e.g. knn).
     """
-    if kernel.is_absorbing:
-        x = torch.full((num, seq_len), kernel.mask_id, dtype=torch.long)
-    else:
-        if x0_dist is None and (kernel.schedule.alpha_min > 0 or kernel.uses_neighbours):
-            raise ValueError(f"kernel {kernel.name!r} needs x0_dist to draw its t=1 reference distribution")
-        dist = x0_dist if x0_dist is not None else kernel.nu
-        x = kernel.sample_prior((num, seq_len), dist, generator)
+    x = initial_state(kernel, num, seq_len, x0_dist, generator)
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     nfe = 0
     for k in range(steps):
@@ -108,10 +116,7 @@ def _leap(x: torch.Tensor, jump: torch.Tensor, generator: torch.Generator | None
     """One tau-leaping step per position: jump to y with probability jump[y] (row total capped at 1), else stay."""
     total = jump.sum(-1, keepdim=True)
     jump = torch.where(total > 1, jump / total, jump)
-    probs = jump.scatter(-1, x[:, None], (1 - jump.sum(-1, keepdim=True)).clamp_min(0.0))
-    cdf = probs.cumsum(-1)
-    u = torch.rand(len(x), 1, dtype=torch.float64, generator=generator) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(probs.shape[1] - 1)
+    return draw(jump.scatter(-1, x[:, None], (1 - jump.sum(-1, keepdim=True)).clamp_min(0.0)), generator)
 
 
 def tau_leaping(
@@ -195,10 +200,7 @@ def blockwise(
         raise ValueError(f"strides={strides} does not divide seq_len={seq_len}")
     per_block = max(1, steps // strides)
     block = seq_len // strides
-    if kernel.is_absorbing:
-        x = torch.full((num, seq_len), kernel.mask_id, dtype=torch.long)
-    else:
-        x = kernel.sample_prior((num, seq_len), x0_dist if x0_dist is not None else kernel.nu, generator)
+    x = initial_state(kernel, num, seq_len, x0_dist, generator)
     grid = torch.linspace(1.0, 0.0, per_block + 1, dtype=torch.float64)
     nfe = 0
     for b in range(strides):
