@@ -122,10 +122,11 @@ def run(params: Params, kernel_name: str) -> None:
         train_seconds = state["train_seconds"]
         print(f"resuming {kernel_name} from step {step} ({ckpt.path})")
 
-    def evaluate(batches: int) -> float:
+    def evaluate(batches: int, repeats: int = 1) -> float:
         model.eval()
         with torch.no_grad():
-            v = validation_nelbo(model, kernel, valid, cfg.batch_size, batches, cfg.seed, cfg.bound_steps, unigram)
+            v = validation_nelbo(model, kernel, valid, cfg.batch_size, batches, cfg.seed, cfg.bound_steps, unigram,
+                                 repeats)
         model.train()
         return v
 
@@ -172,7 +173,7 @@ def run(params: Params, kernel_name: str) -> None:
                 last_good = step
             bar.update(task, completed=step, loss=loss_value)
 
-    val_nelbo = evaluate(max(1, math.ceil(min(len(valid), cfg.val_sequences) / cfg.batch_size)))
+    val_nelbo = evaluate(max(1, math.ceil(min(len(valid), cfg.val_sequences) / cfg.batch_size)), cfg.val_repeats)
     val_log.append({"step": step, "val_nelbo": val_nelbo})
     with atomic(model_path(kernel_name)) as tmp:
         meta = {"vocab_size": vocab.size, "seq_len": seq_len, "model": asdict(params.model),

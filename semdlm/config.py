@@ -96,6 +96,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     val_sequences: int = 256  # validation sequences scored by the final bound
+    val_repeats: int = 2  # independent (t, x_t) draws per validation sequence in the final bound
     bound_steps: int = 8  # grid of the coupling ELBO (knn, semdlm_plus); mask/uniform use the exact NELBO
     ckpt_every: int = 100
     log_every: int = 10
@@ -107,7 +108,8 @@ class TrainConfig:
         _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
         _check(self.lr > 0 and math.isfinite(self.lr), f"train.lr={self.lr} must be a positive number")
         _check(0 < self.t_eps < 1, f"train.t_eps={self.t_eps} must be in (0, 1)")
-        for k in ("eval_every", "eval_batches", "ckpt_every", "log_every", "val_sequences", "bound_steps"):
+        positive = ("eval_every", "eval_batches", "ckpt_every", "log_every", "val_sequences", "val_repeats", "bound_steps")
+        for k in positive:
             _check(getattr(self, k) >= 1, f"train.{k}={getattr(self, k)} must be >= 1")
 
 

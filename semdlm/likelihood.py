@@ -181,14 +181,16 @@ def sequence_nelbo(denoise: Denoise, kernel: Kernel, x0: torch.Tensor, t: torch.
 
 
 def validation_nelbo(denoise: Denoise, kernel: Kernel, data: torch.Tensor, batch_size: int, batches: int,
-                     seed: int, grid_steps: int = 64, x0_prior: torch.Tensor | None = None) -> float:
-    """Mean bound (nats/token) over the first ``batches * batch_size`` sequences, stratified t, fixed seed."""
+                     seed: int, grid_steps: int = 64, x0_prior: torch.Tensor | None = None, repeats: int = 1) -> float:
+    """Mean bound (nats/token) over the first ``batches * batch_size`` sequences, each scored ``repeats`` times
+    at independent stratified t, with a fixed seed."""
     gen = torch.Generator().manual_seed(seed + 1)
     prior = None if is_markov(kernel) else prior_kl(kernel, x0_prior)
     total, n = 0.0, 0
-    for start in range(0, min(len(data), batches * batch_size), batch_size):
-        x0 = data[start : start + batch_size]
-        t = stratified_times(len(x0), 0.0, gen)
-        total += float(sequence_nelbo(denoise, kernel, x0, t, gen, grid_steps, prior).sum())
-        n += len(x0)
+    for _ in range(repeats):
+        for start in range(0, min(len(data), batches * batch_size), batch_size):
+            x0 = data[start : start + batch_size]
+            t = stratified_times(len(x0), 0.0, gen)
+            total += float(sequence_nelbo(denoise, kernel, x0, t, gen, grid_steps, prior).sum())
+            n += len(x0)
     return total / n
