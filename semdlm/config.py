@@ -108,8 +108,8 @@ class TrainConfig:
         _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
         _check(self.lr > 0 and math.isfinite(self.lr), f"train.lr={self.lr} must be a positive number")
         _check(0 < self.t_eps < 1, f"train.t_eps={self.t_eps} must be in (0, 1)")
-        positive = ("eval_every", "eval_batches", "ckpt_every", "log_every", "val_sequences", "val_repeats", "bound_steps")
-        for k in positive:
+        for k in ("eval_every", "eval_batches", "ckpt_every", "log_every", "val_sequences", "val_repeats",
+                  "bound_steps"):
             _check(getattr(self, k) >= 1, f"train.{k}={getattr(self, k)} must be >= 1")
 
 
