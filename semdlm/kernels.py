@@ -33,6 +33,7 @@ class Kernel:
     neighbours: torch.Tensor | None = None  # [V, >= k_max] long, self excluded
     mask_id: int | None = None  # set for the absorbing kernel only
     _nu_cdf: torch.Tensor = field(init=False, repr=False)
+    _uses_neighbours: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.nu = self.nu.to(torch.float64)
@@ -40,6 +41,8 @@ class Kernel:
             raise ValueError(f"kernel {self.name}: nu must be a probability vector")
         self._nu_cdf = torch.cumsum(self.nu, 0)
         self._nu_cdf[-1] = 1.0
+        t = torch.linspace(0, 1, 101, dtype=torch.float64)
+        self._uses_neighbours = bool(((1 - self.schedule.alpha(t) - self.schedule.beta_t(t)) > 1e-12).any())
         if self.uses_neighbours:
             if self.neighbours is None:
                 raise ValueError(f"kernel {self.name} needs a neighbour table (run the graph stage)")
@@ -59,10 +62,8 @@ class Kernel:
 
     @property
     def uses_neighbours(self) -> bool:
-        """True when the neighbour branch carries mass somewhere on (0, 1]."""
-        t = torch.linspace(0, 1, 101, dtype=torch.float64)
-        s = self.schedule
-        return bool(((1 - s.alpha(t) - s.beta_t(t)) > 1e-12).any())
+        """True when the neighbour branch carries mass somewhere on (0, 1] (fixed at construction)."""
+        return self._uses_neighbours
 
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(alpha_t, beta_t, neighbour mass 1 - alpha_t - beta_t, integer k_t) for each t."""
