@@ -46,7 +46,8 @@ def _ranks(n: int, kmax: int) -> torch.Tensor:
     return torch.arange(kmax).expand(n, kmax)
 
 
-def _index(c: Coef, sel: torch.Tensor) -> Coef:
+def select(c: Coef, sel: torch.Tensor) -> Coef:
+    """The coefficients of the positions picked by ``sel`` (a mask or index tensor)."""
     return Coef(c.alpha[sel], c.b[sel], c.h[sel], c.k[sel])
 
 
@@ -113,7 +114,7 @@ def reverse_step(
     out = torch.where(to_clean, x0, xt)
     move = ~to_clean & ~keep
     if move.any():
-        ct_m, cs_m = _index(ct, move), _index(cs, move)
+        ct_m, cs_m = select(ct, move), select(cs, move)
         slots, outside = residual_slots(kernel, x0[move], ct_m, cs_m)
         w = torch.cat([slots, outside[:, None]], dim=1)
         pick = torch.multinomial(w / w.sum(1, keepdim=True), 1, generator=gen).squeeze(1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from semdlm.coupling import Coef, coef
+from semdlm.coupling import Coef, coef, select
 from semdlm.ctmc import is_markov, model_ratio, rate
 from semdlm.kernels import Kernel
 from semdlm.loss import stratified_times
@@ -61,21 +61,17 @@ def ctmc_nelbo(denoise: Denoise, kernel: Kernel, x0: torch.Tensor, t: torch.Tens
     return ctmc_nelbo_terms(logits, x0, xt, kernel, t).sum(1) / x0.shape[1]
 
 
-def _r_rows(kernel: Kernel, x0: torch.Tensor, c: Coef) -> torch.Tensor:
-    """Dense rows r(. | x_0) for a chunk of x_0 ([n, V]); c holds scalars (one time)."""
-    rows = (c.b * kernel.nu).expand(len(x0), -1).clone()
-    if kernel.uses_neighbours:
-        k = int(c.k)
-        rows.scatter_add_(1, kernel.neighbours[x0, :k], (c.h * torch.ones(len(x0), k, dtype=torch.float64)))
-    return rows
+def _r_rows(kernel: Kernel, x0: torch.Tensor, alpha: float, t: float) -> torch.Tensor:
+    """Dense corruption rows r_t(. | x_0) = (q_t(. | x_0) - alpha_t delta_{x_0}) / (1 - alpha_t) ([n, V])."""
+    rows = kernel.probs(x0, t)
+    rows[torch.arange(len(x0)), x0] -= alpha
+    return (rows / (1.0 - alpha)).clamp_min(0.0)
 
 
 def prior_kl(kernel: Kernel, m: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     """Per clean token x_0 ([V]): KL(q(z_1, x_1 | x_0) || p(z_1, x_1)) with p(x_1 | z_1=1) = m,
     p(x_1 | z_1=0) = sum_x0' m(x_0') r_1(. | x_0'): alpha_1 (-log m(x_0)) + (1 - alpha_1) KL(r_1 || mixture)."""
-    one = torch.ones((), dtype=torch.float64)
-    c = coef(kernel, one)
-    a1 = float(c.alpha)
+    a1 = float(kernel.schedule.alpha(torch.ones((), dtype=torch.float64)))
     V = kernel.vocab_size
     out = a1 * -m.clamp_min(1e-300).log()
     if a1 >= 1.0:
@@ -83,10 +79,10 @@ def prior_kl(kernel: Kernel, m: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     mix = torch.zeros(V, dtype=torch.float64)
     for start in range(0, V, chunk):
         ids = torch.arange(start, min(start + chunk, V))
-        mix += (m[ids, None] * _r_rows(kernel, ids, c)).sum(0)
+        mix += (m[ids, None] * _r_rows(kernel, ids, a1, 1.0)).sum(0)
     for start in range(0, V, chunk):
         ids = torch.arange(start, min(start + chunk, V))
-        r = _r_rows(kernel, ids, c)
+        r = _r_rows(kernel, ids, a1, 1.0)
         kl = torch.where(r > 0, r * (r.clamp_min(1e-300).log() - mix.clamp_min(1e-300).log()), torch.zeros_like(r))
         out[ids] += (1 - a1) * kl.sum(1)
     return out
@@ -163,8 +159,7 @@ def coupling_bound(denoise: Denoise, kernel: Kernel, x0: torch.Tensor, grid_step
     chunk = max(1, MAX_CHUNK_ELEMS // (V * max(1, kernel.schedule.k_max if kernel.uses_neighbours else 1)))
     for start in range(0, len(pos), chunk):
         b, i = pos[start : start + chunk].T
-        sel = Coef(ct.alpha[b], ct.b[b], ct.h[b], ct.k[b]), Coef(cs.alpha[b], cs.b[b], cs.h[b], cs.k[b])
-        kl[b, i] = _coupling_kl(kernel, xt[b, i], x0[b, i], logp[b, i].exp(), *sel)
+        kl[b, i] = _coupling_kl(kernel, xt[b, i], x0[b, i], logp[b, i].exp(), select(ct, b), select(cs, b))
     step = step + (1 - pi)[:, None] * kl
     per_seq = prior[x0].sum(1) + T * (step * z).sum(1)
     return per_seq / L
