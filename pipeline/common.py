@@ -77,15 +77,39 @@ def read_json(path: str | Path, stage_name: str) -> Any:
         raise StageError(f"{path} is not valid JSON; delete it and run `dvc repro {stage_name}`") from None
 
 
+TMP_SUFFIX = ".partial"  # temp siblings of outs; ignored by DVC and git (.dvcignore, .gitignore)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep(path: Path) -> None:
+    """Remove temp siblings of ``path`` left by writers that were killed (their pid is gone)."""
+    for old in path.parent.glob(f".{path.name}.*{TMP_SUFFIX}"):
+        pid = old.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; on success rename it onto ``path``, on failure remove it.
 
-    A reader (or DVC) never sees a half-written file or directory at ``path``.
+    A reader (or DVC) never sees a half-written file or directory at ``path``; a writer killed by SIGKILL
+    leaves only ``.<name>.<pid>.*.partial/``, which DVC ignores and the next write of ``path`` removes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    _sweep(path)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=path.parent)
+    tmp = Path(tmp_dir) / path.name
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():

@@ -73,7 +73,7 @@ def load(cfg: EvalConfig) -> Evaluator:
 
     path = require(Path(EVALUATOR) / "config.json", "evaluator").parent
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).eval()  # no pickle
     tok = AutoTokenizer.from_pretrained(path)
     context = int(getattr(model.config, "max_position_embeddings", 1024) or 1024)
     return Evaluator(cfg.model, model, tok, min(context, 1024))

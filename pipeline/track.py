@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -33,6 +35,34 @@ def dvc_root() -> Path:
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else sqlite at the DVC root (absolute: queued runs work in temporary copies)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{dvc_root() / 'mlflow.db'}"
+
+
+class Retrying:
+    """An MlflowClient whose calls back off and retry while sqlite says "database is locked".
+
+    Queued experiments (`dvc queue start -j N`) run `track` in parallel against one mlflow.db; sqlite lets one
+    writer in at a time and a failed write is rolled back, so retrying the call loses and duplicates nothing.
+    """
+
+    def __init__(self, client: Any, tries: int = 10, base_s: float = 0.2) -> None:
+        self._client, self._tries, self._base_s = client, tries, base_s
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for attempt in range(self._tries - 1):
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as e:
+                    if "database is locked" not in str(e):
+                        raise
+                    time.sleep(self._base_s * 2**attempt * (1 + random.random()))
+            return attr(*args, **kwargs)
+
+        return call
 
 
 def git_rev() -> str:
@@ -97,7 +127,7 @@ def run(params: Params) -> None:
     key = hashlib.sha256(json.dumps([exp_name, rev, flat], sort_keys=True, default=str).encode()).hexdigest()[:16]
     content = hashlib.sha256(json.dumps([payloads, reference], sort_keys=True).encode()).hexdigest()[:16]
     mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
+    client = Retrying(MlflowClient())
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is None:  # artifacts beside the db, by absolute path, unless a tracking server is configured
         store = None if os.environ.get("MLFLOW_TRACKING_URI") else (dvc_root() / "mlartifacts").as_uri()

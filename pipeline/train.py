@@ -112,6 +112,7 @@ def run(params: Params, kernel_name: str) -> None:
     fp = fingerprint(params, kernel_name, vocab.size, seq_len)
     ckpt = Checkpoint(kernel_name)
     step, train_log, val_log, train_seconds = 0, [], [], 0.0
+    window_loss, window_tokens, window_time = 0.0, 0, 0.0  # the log window in progress (part of the state)
     if (state := ckpt.load(fp)) is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -120,6 +121,7 @@ def run(params: Params, kernel_name: str) -> None:
         torch.set_rng_state(state["torch_rng"])
         step, train_log, val_log = state["step"], state["train_log"], state["val_log"]
         train_seconds = state["train_seconds"]
+        window_loss, window_tokens, window_time = state.get("window", (0.0, 0, 0.0))
         print(f"resuming {kernel_name} from step {step} ({ckpt.path})")
 
     def evaluate(batches: int, repeats: int = 1) -> float:
@@ -131,7 +133,6 @@ def run(params: Params, kernel_name: str) -> None:
         return v
 
     model.train()
-    window_loss, window_tokens, window_time = 0.0, 0, 0.0
     last_good = step
     columns = (TextColumn(f"train@{kernel_name}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn())
@@ -169,7 +170,8 @@ def run(params: Params, kernel_name: str) -> None:
                 ckpt.save({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
                            "scheduler": sched.state_dict(), "generator": gen.get_state(),
                            "torch_rng": torch.get_rng_state(), "step": step, "train_log": train_log,
-                           "val_log": val_log, "train_seconds": train_seconds})
+                           "val_log": val_log, "train_seconds": train_seconds,
+                           "window": (window_loss, window_tokens, window_time)})
                 last_good = step
             bar.update(task, completed=step, loss=loss_value)
 

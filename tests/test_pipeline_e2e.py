@@ -2,65 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 
-from tests.tiny import tiny_evaluator, write_params
+from tests.project import mlflow_runs, ran, sh
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def sh(*cmd: str, cwd: Path) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(cwd),
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return res.stdout + res.stderr
-
-
-def ran(output: str) -> set[str]:
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("e2e")
-    evaluator = tiny_evaluator(root / "tiny-lm")
-    repo = root / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", "pipeline", "semdlm", ".dvcignore", "pyproject.toml"):
-        src = REPO / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
-    for cache in repo.rglob("__pycache__"):
-        shutil.rmtree(cache)
-    write_params(repo / "params.yaml", evaluator, kernels={"mask": {}, "semdlm_plus": {"k_max": 4}})
-    sh("git", "init", "-q", cwd=repo)
-    sh("dvc", "init", "-q", cwd=repo)
-    sh("dvc", "config", "core.analytics", "false", cwd=repo)
-    sh("git", "add", "-A", cwd=repo)
-    sh("git", "commit", "-qm", "init", cwd=repo)
-    return repo
+def project(fresh_repro):
+    return fresh_repro.repo
 
 
-def mlflow_runs(repo: Path):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("semdlm")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return parents, children
-
-
-def test_repro_makes_every_out_and_leaves_a_clean_status(project):
-    out = sh("dvc", "repro", cwd=project)
+def test_repro_makes_every_out_and_leaves_a_clean_status(project, fresh_repro):
+    out = fresh_repro.output
     assert {"tokenize", "graph", "prior", "train@mask", "sample@mask", "evaluator", "evaluate@mask", "reference",
             "report", "track", "train@semdlm_plus", "sample@semdlm_plus", "evaluate@semdlm_plus"} <= ran(out)
     for path in ("data/tokens/train.parquet", "data/tokens/vocab.json", "data/graph/neighbours.parquet",

@@ -1,0 +1,94 @@
+"""A tiny semdlm project as a user has it (a temporary git + DVC copy of the repository) and helpers to drive it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+
+from tests.tiny import write_params
+
+REPO = Path(__file__).resolve().parents[1]
+COPIED = ("dvc.yaml", "pipeline", "semdlm", ".dvcignore", ".gitignore", "pyproject.toml")
+# Train settings of the test project: checkpoints that fall inside a log window, so a resume must restore it.
+TRAIN = {"steps": 12, "ckpt_every": 3, "log_every": 2, "eval_every": 4}
+KERNELS = {"mask": {}, "semdlm_plus": {"k_max": 4}}
+# Keys (JSON) and columns (TSV) of the metrics files that are wall-clock measurements of the machine, not results
+# of the experiment: excluded when two runs are compared (docs/reliability.md).
+WALL_TIME_KEYS = frozenset({"train_seconds", "tokens_per_s", "wall_s", "samples_per_s"})
+
+
+def env(cwd: Path) -> dict[str, str]:
+    e = {**os.environ, "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONPATH": str(cwd),
+         "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    e.pop("MLFLOW_TRACKING_URI", None)
+    return e
+
+
+def sh(*cmd: str, cwd: Path, ok: bool = True) -> str:
+    """Run ``cmd`` in the project; assert it succeeded (or, with ok=False, that it failed); stdout + stderr."""
+    res = subprocess.run(cmd, cwd=cwd, env=env(cwd), capture_output=True, text=True)
+    tail = f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert (res.returncode == 0) == ok, f"{' '.join(cmd)} -> {res.returncode}:\n{tail}"
+    return res.stdout + res.stderr
+
+
+def ran(output: str) -> set[str]:
+    """Stages that `dvc repro` / `dvc exp run` ran (not those restored or skipped)."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
+
+
+def new_project(repo: Path, evaluator: Path) -> Path:
+    """A git + DVC repository holding the pipeline code and tiny params (nothing run yet)."""
+    repo.mkdir(parents=True)
+    for name in COPIED:
+        src = REPO / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name)
+    for cache in repo.rglob("__pycache__"):
+        shutil.rmtree(cache)
+    write_params(repo / "params.yaml", evaluator, kernels=KERNELS, train=TRAIN)
+    sh("git", "init", "-q", cwd=repo)
+    sh("dvc", "init", "-q", cwd=repo)
+    sh("dvc", "config", "core.analytics", "false", cwd=repo)
+    commit(repo, "init")
+    return repo
+
+
+def commit(repo: Path, message: str) -> None:
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "commit", "-qm", message, cwd=repo)
+
+
+def mlflow_runs(repo: Path):
+    """(parent runs, child runs) of the project's MLflow experiment."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("semdlm")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def metrics_snapshot(repo: Path) -> dict[str, object]:
+    """Every metrics file under metrics/ with the wall-time keys and columns removed, by relative path."""
+    snap: dict[str, object] = {}
+    for path in sorted((repo / "metrics").rglob("*")):
+        rel = str(path.relative_to(repo))
+        if path.suffix == ".json":
+            snap[rel] = _drop_wall(json.loads(path.read_text()))
+        elif path.suffix == ".tsv":
+            df = pd.read_csv(path, sep="\t")
+            snap[rel] = df.drop(columns=[c for c in df.columns if c in WALL_TIME_KEYS]).to_dict("list")
+    return snap
+
+
+def _drop_wall(obj: object) -> object:
+    if isinstance(obj, dict):
+        return {k: _drop_wall(v) for k, v in obj.items() if k not in WALL_TIME_KEYS}
+    return obj

@@ -1,0 +1,216 @@
+"""Reliability of the DVC pipeline as a user runs it: SIGKILL and resume, atomic outs, queued experiments in
+parallel, determinism of fresh runs. Each test drives a temporary git + DVC project (tests/project.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from tests.project import REPO, commit, env, metrics_snapshot, mlflow_runs, new_project, ran, sh
+
+pytestmark = pytest.mark.slow
+FAULTS = REPO / "tests" / "faults.py"
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, evaluator_dir) -> Path:
+    """A second fresh project with the same params as the session's first one, reproduced and committed."""
+    repo = new_project(tmp_path_factory.mktemp("rel") / "repo", evaluator_dir)
+    sh("dvc", "repro", cwd=repo)
+    commit(repo, "results")
+    return repo
+
+
+def copy_of(repo: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "repo"
+    shutil.copytree(repo, dst, symlinks=True)
+    return dst
+
+
+def set_param(repo: Path, section: str, key: str, value: object) -> None:
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p[section][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def start_slowed(repo: Path, *args: str, **slow: str) -> subprocess.Popen:
+    """`python -m pipeline <args>` in the project, slowed by tests/faults.py (SEMDLM_SLOW_TICK / _WRITE)."""
+    return subprocess.Popen([sys.executable, str(FAULTS), *args], cwd=repo, env={**env(repo), **slow},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for(repo: Path, pattern: str, proc: subprocess.Popen, timeout: float = 120) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := sorted(repo.glob(pattern)):
+            return found[0]
+        assert proc.poll() is None, f"the stage exited ({proc.returncode}) before {pattern} appeared"
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"{pattern} did not appear within {timeout} s")
+
+
+def sigkill(proc: subprocess.Popen) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+
+
+def status_lines(repo: Path) -> list[str]:
+    return [ln.strip() for ln in sh("dvc", "status", cwd=repo).splitlines() if ln.strip()]
+
+
+def test_two_fresh_repros_write_identical_metrics_files(fresh_repro, baseline):
+    """Determinism: every metrics file of two fresh projects with the same params + seed is equal, wall-time keys
+    (tests.project.WALL_TIME_KEYS) excluded."""
+    ours = metrics_snapshot(baseline)
+    assert set(ours) == set(fresh_repro.metrics)
+    assert len(ours) >= 9  # prior, reference, and train/val logs + train/sample/eval of both kernels
+    for path, content in ours.items():
+        assert content == fresh_repro.metrics[path], path
+
+
+def test_train_killed_after_a_checkpoint_resumes_under_dvc_repro_to_the_uninterrupted_result(baseline, tmp_path):
+    repo = copy_of(baseline, tmp_path)
+    full = torch.load(repo / "models/mask/model.pt", weights_only=True)["state_dict"]
+    expected = metrics_snapshot(repo)
+    shutil.rmtree(repo / "models/mask")
+    shutil.rmtree(repo / "checkpoints/mask")
+    proc = start_slowed(repo, "train", "--kernel", "mask", SEMDLM_SLOW_TICK="0.25")
+    wait_for(repo, "checkpoints/mask/state.pt", proc)
+    delay = random.uniform(0.0, 1.5)  # a random later step: 0.25 s per step, the run has 9 more steps to go
+    time.sleep(delay)
+    sigkill(proc)
+    step = torch.load(repo / "checkpoints/mask/state.pt", weights_only=True)["step"]
+    assert 3 <= step < 12 and not (repo / "models/mask/model.pt").exists(), (step, delay)
+
+    out = sh("dvc", "repro", cwd=repo)
+    assert f"resuming mask from step {step}" in out, out
+    # the resumed model.pt has the hash in dvc.lock of the uninterrupted run: DVC does not re-run its consumers
+    assert "train@mask" in ran(out) and "sample@mask" not in ran(out), (delay, ran(out))
+    resumed = torch.load(repo / "models/mask/model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(resumed[k], full[k]) for k in full), delay
+    assert metrics_snapshot(repo) == expected, delay  # final loss, logs and validation bound: bitwise equal
+    assert status_lines(repo) == ["track:", "always changed"]
+
+
+@pytest.mark.parametrize(("stage", "out", "section", "key", "value"), [
+    ("sample", "samples/mask/samples.parquet", "sampler", "steps", 3),
+    ("evaluate", "metrics/mask/eval.json", "eval", "batch_size", 3),
+])
+def test_stage_killed_while_writing_its_out_leaves_the_previous_out(baseline, tmp_path, stage, out, section, key,
+                                                                      value):
+    repo = copy_of(baseline, tmp_path)
+    before = (repo / out).read_bytes()
+    set_param(repo, section, key, value)
+    proc = start_slowed(repo, stage, "--kernel", "mask", SEMDLM_SLOW_WRITE="300")
+    name = Path(out).name
+    wait_for(repo, f"{Path(out).parent}/.{name}.*.partial/{name}", proc)  # the new out is complete, not renamed
+    sigkill(proc)
+    assert (repo / out).read_bytes() == before
+    assert f"{stage}@mask:" in status_lines(repo)  # the params changed and the stage did not finish: not up to date
+    sh("git", "checkout", "params.yaml", cwd=repo)
+    # with the old params the previous out is the good one; the killed writer's temp is invisible to DVC
+    assert status_lines(repo) == ["track:", "always changed"]
+
+
+@pytest.mark.parametrize("where", ["while writing samples.parquet", "between samples.parquet and sample.json"])
+def test_exception_mid_stage_leaves_whole_outs_and_dvc_status_says_changed(baseline, tmp_path, monkeypatch, where):
+    from typer.testing import CliRunner
+
+    import pipeline.sample
+    from pipeline.__main__ import app
+
+    repo = copy_of(baseline, tmp_path)
+    samples, sample_json = repo / "samples/mask/samples.parquet", repo / "metrics/mask/sample.json"
+    before = samples.read_bytes(), sample_json.read_bytes()
+    set_param(repo, "sampler", "steps", 3)
+    if where.startswith("while"):
+        def half_then_fail(self, path, *args, **kwargs):  # noqa: ANN001, ANN202
+            Path(path).write_bytes(before[0][: len(before[0]) // 2])
+            raise OSError("No space left on device")
+
+        monkeypatch.setattr(pd.DataFrame, "to_parquet", half_then_fail)
+    else:
+        def fail(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            raise OSError("No space left on device")
+
+        monkeypatch.setattr(pipeline.sample, "write_json", fail)
+    monkeypatch.chdir(repo)
+    assert CliRunner().invoke(app, ["sample", "--kernel", "mask"]).exit_code != 0
+    monkeypatch.undo()
+    if where.startswith("while"):
+        assert samples.read_bytes() == before[0]
+    else:
+        assert len(pd.read_parquet(samples)) == 4 and samples.read_bytes() != before[0]  # whole, and new
+    assert sample_json.read_bytes() == before[1]
+    assert not list(repo.rglob("*.partial"))  # an exception (unlike SIGKILL) cleans its temp up
+    assert "sample@mask:" in status_lines(repo)
+
+
+def experiments(repo: Path) -> dict[str, dict]:
+    """{experiment name: {"params": params.yaml, "metrics": {path: data}}} of `dvc exp show --json` (no baseline)."""
+    found: dict[str, dict] = {}
+    for baseline_rev in json.loads(sh("dvc", "exp", "show", "--json", cwd=repo)):
+        for exp in baseline_rev.get("experiments") or []:
+            for rev in exp["revs"]:
+                data = rev["data"]
+                found[rev["name"]] = {
+                    "params": data["params"]["params.yaml"]["data"],
+                    "metrics": {p: m.get("data", {}) for p, m in (data.get("metrics") or {}).items()},
+                }
+    return found
+
+
+def test_two_queued_experiments_run_in_parallel_and_land_apart_in_mlflow(baseline, tmp_path):
+    repo = copy_of(baseline, tmp_path)
+    parents_before = {r.info.run_id for r in mlflow_runs(repo)[0]}
+    for value in ("0.0", "0.5"):
+        sh("dvc", "exp", "run", "--queue", "-S", f"sampler.lambda_sem={value}", cwd=repo)
+    sh("dvc", "queue", "start", "-j", "2", cwd=repo)
+    deadline = time.monotonic() + 480
+    while any(w in (status := sh("dvc", "queue", "status", cwd=repo)) for w in ("Queued", "Running")):
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    assert status.count("Success") == 2, status
+
+    exps = experiments(repo)
+    by_lambda = {e["params"]["sampler"]["lambda_sem"]: (name, e) for name, e in exps.items()}
+    assert len(exps) == 2 and set(by_lambda) == {0.0, 0.5}, exps
+    parents, children = mlflow_runs(repo)
+    new = {p.data.tags["dvc_exp"]: p for p in parents if p.info.run_id not in parents_before}
+    assert len(new) == 2
+    for lam, (name, e) in by_lambda.items():
+        parent = new[name]
+        assert parent.info.status == "FINISHED" and parent.data.params["sampler.lambda_sem"] == str(lam)
+        kids = {c.data.tags["kernel"]: c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id}
+        assert set(kids) == {"mask", "semdlm_plus"}
+        for k, child in kids.items():  # each child holds its own experiment's numbers, complete
+            assert child.info.status == "FINISHED"
+            assert child.data.metrics["lambda_sem"] == lam
+            assert child.data.metrics["gen_ppl"] == e["metrics"][f"metrics/{k}/eval.json"]["gen_ppl"]
+            assert child.data.metrics["val_nelbo"] == e["metrics"][f"metrics/{k}/train.json"]["val_nelbo"]
+            assert "curve.loss" in child.data.metrics
+
+
+def test_a_typo_in_a_dash_s_key_stops_dvc_exp_run_naming_the_key(baseline, tmp_path):
+    """DVC refuses to override a key that params.yaml lacks; forced in with `+key`, our parser names the fix."""
+    repo = copy_of(baseline, tmp_path)
+    samples = repo / "samples/mask/samples.parquet"
+    before = samples.read_bytes()
+    out = sh("dvc", "exp", "run", "-S", "sampler.lamda_sem=0.5", cwd=repo, ok=False)
+    assert "sampler.lamda_sem" in out, out
+    out = sh("dvc", "exp", "run", "-S", "+sampler.lamda_sem=0.5", cwd=repo, ok=False)
+    assert "error: unknown key sampler.lamda_sem in params.yaml; did you mean sampler.lambda_sem?" in out, out
+    assert not samples.exists() or samples.read_bytes() == before  # DVC may remove an out before running its stage
