@@ -110,3 +110,74 @@ def test_no_code_path_unpickles_a_file():
     offenders = {str(p.relative_to(REPO)): bad for d in ("pipeline", "semdlm", "benchmarks")
                  for p in sorted((REPO / d).rglob("*.py")) if (bad := unsafe_loads(p.read_text()))}
     assert offenders == {}
+
+
+WRITE_CALLS = {"to_parquet", "to_csv", "to_json", "write_text", "write_bytes", "save", "savefig", "save_pretrained",
+               "dump"}
+
+
+class _DirectWrites(ast.NodeVisitor):
+    """Write calls that are neither inside `with atomic(...)` nor writing to a path their function was given."""
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+        self.atomic_depth = 0
+        self.params: list[set[str]] = [set()]
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
+        self.params.append({a.arg for a in node.args.args + node.args.kwonlyargs})
+        self.generic_visit(node)
+        self.params.pop()
+
+    def visit_With(self, node: ast.With) -> None:
+        is_atomic = any(isinstance(i.context_expr, ast.Call) and getattr(i.context_expr.func, "id", "") == "atomic"
+                        for i in node.items)
+        self.atomic_depth += is_atomic
+        self.generic_visit(node)
+        self.atomic_depth -= is_atomic
+
+    def visit_Call(self, node: ast.Call) -> None:
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        owner = getattr(func.value, "id", "") if isinstance(func, ast.Attribute) else ""
+        mode = node.args[1] if name == "open" and len(node.args) > 1 else None
+        writes = (name in WRITE_CALLS and (name != "save" or owner == "torch")) or (
+            isinstance(mode, ast.Constant) and bool(set(str(mode.value)) & set("wax")))
+        if writes and not self.atomic_depth and _root(_target(node, name)) not in self.params[-1]:
+            self.found.append(f"line {node.lineno}: {name}")
+        self.generic_visit(node)
+
+
+def _target(call: ast.Call, name: str) -> ast.AST | None:
+    """The path a write call writes to."""
+    if name in ("write_text", "write_bytes"):
+        return call.func.value  # type: ignore[attr-defined]
+    args = call.args[1:] if name == "save" else call.args
+    return args[0] if args else None
+
+
+def _root(node: ast.AST | None) -> str:
+    """`path` of `path`, `path / "x"` or `path.parent`."""
+    while isinstance(node, (ast.BinOp, ast.Attribute)):
+        node = node.left if isinstance(node, ast.BinOp) else node.value
+    return getattr(node, "id", "")
+
+
+def direct_writes(source: str) -> list[str]:
+    v = _DirectWrites()
+    v.visit(ast.parse(source))
+    return v.found
+
+
+def test_the_direct_write_scan_finds_what_it_looks_for():
+    bad = ("def f(df, out):\n    df.to_parquet('x.parquet')\n    open('y', 'w')\n    torch.save(df, OUT)\n"
+           "    (OUT / 'a').write_text('')\n")
+    assert len(direct_writes(bad)) == 4
+    ok = ("def f(df, path):\n    df.to_csv(path / 'x')\n    ckpt.save(df)\n    with atomic(OUT) as tmp:\n"
+          "        torch.save(df, tmp)\n")
+    assert direct_writes(ok) == []
+
+
+def test_every_stage_writes_its_outs_through_atomic():
+    offenders = {p.name: bad for p in sorted((REPO / "pipeline").glob("*.py")) if (bad := direct_writes(p.read_text()))}
+    assert offenders == {}
