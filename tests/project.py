@@ -17,6 +17,8 @@ COPIED = ("dvc.yaml", "pipeline", "semdlm", ".dvcignore", ".gitignore", "pyproje
 # Train settings of the test project: checkpoints that fall inside a log window, so a resume must restore it.
 TRAIN = {"steps": 12, "ckpt_every": 3, "log_every": 2, "eval_every": 4}
 KERNELS = {"mask": {}, "semdlm_plus": {"k_max": 4}}
+# What a sampler-only experiment re-runs (everything upstream is reused).
+SAMPLING_SIDE = {"sample@mask", "evaluate@mask", "sample@semdlm_plus", "evaluate@semdlm_plus", "report", "track"}
 # Keys (JSON) and columns (TSV) of the metrics files that are wall-clock measurements of the machine, not results
 # of the experiment: excluded when two runs are compared (docs/reliability.md).
 WALL_TIME_KEYS = frozenset({"train_seconds", "tokens_per_s", "wall_s", "samples_per_s"})

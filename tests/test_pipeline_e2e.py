@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.project import mlflow_runs, ran, sh
+from tests.project import SAMPLING_SIDE, mlflow_runs, ran, sh
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,6 @@ def test_track_again_does_not_duplicate_runs(project):
     assert len(parents) == 1 and len(children) == 2
 
 
-SAMPLING_SIDE = {"sample@mask", "evaluate@mask", "sample@semdlm_plus", "evaluate@semdlm_plus", "report", "track"}
 
 
 @pytest.mark.parametrize("setting", ["sampler.steps=3", "sampler.lambda_sem=0.5"])

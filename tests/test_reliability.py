@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tests.project import REPO, commit, env, metrics_snapshot, mlflow_runs, new_project, ran, sh
+from tests.project import REPO, SAMPLING_SIDE, commit, env, metrics_snapshot, mlflow_runs, new_project, ran, sh
 
 pytestmark = pytest.mark.slow
 FAULTS = REPO / "tests" / "faults.py"
@@ -67,6 +67,15 @@ def sigkill(proc: subprocess.Popen) -> None:
     assert proc.wait() == -signal.SIGKILL
 
 
+def forget_cached_out(repo: Path, out: str) -> None:
+    """Remove ``out`` and DVC's cached copy of it (as if the stage making it had never finished)."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    md5 = next(o["md5"] for s in lock["stages"].values() for o in s.get("outs", []) if o["path"] == out)
+    (repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).unlink()
+    shutil.rmtree(repo / ".dvc/cache/runs", ignore_errors=True)
+    (repo / out).unlink()
+
+
 def status_lines(repo: Path) -> list[str]:
     return [ln.strip() for ln in sh("dvc", "status", cwd=repo).splitlines() if ln.strip()]
 
@@ -85,8 +94,8 @@ def test_train_killed_after_a_checkpoint_resumes_under_dvc_repro_to_the_uninterr
     repo = copy_of(baseline, tmp_path)
     full = torch.load(repo / "models/mask/model.pt", weights_only=True)["state_dict"]
     expected = metrics_snapshot(repo)
-    shutil.rmtree(repo / "models/mask")
     shutil.rmtree(repo / "checkpoints/mask")
+    forget_cached_out(repo, "models/mask/model.pt")  # this training never finished: DVC has no model to restore
     proc = start_slowed(repo, "train", "--kernel", "mask", SEMDLM_SLOW_TICK="0.25")
     wait_for(repo, "checkpoints/mask/state.pt", proc)
     delay = random.uniform(0.0, 1.5)  # a random later step: 0.25 s per step, the run has 9 more steps to go
@@ -192,6 +201,8 @@ def test_two_queued_experiments_run_in_parallel_and_land_apart_in_mlflow(baselin
     new = {p.data.tags["dvc_exp"]: p for p in parents if p.info.run_id not in parents_before}
     assert len(new) == 2
     for lam, (name, e) in by_lambda.items():
+        # the trained models are reused; lambda_sem=0.0 is the baseline's value, so only `track` (always changed) runs
+        assert ran(sh("dvc", "queue", "logs", name, cwd=repo)) == (SAMPLING_SIDE if lam else {"track"})
         parent = new[name]
         assert parent.info.status == "FINISHED" and parent.data.params["sampler.lambda_sem"] == str(lam)
         kids = {c.data.tags["kernel"]: c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id}
