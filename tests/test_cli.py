@@ -1,8 +1,10 @@
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -202,13 +204,24 @@ def test_unreachable_dataset_id_is_a_clear_error(tmp_path, evaluator_dir, monkey
         assert_bad_input(invoke("tokenize"), "someone/no-such-dataset", "cannot load")
 
 
-def test_tau_leaping_with_a_semantic_kernel_is_refused_before_sampling(workspace):
+@pytest.mark.parametrize(("sampler", "nfe"), [("tau_leaping", 4 + 3), ("blockwise", 2 * (2 + 1))])
+def test_tau_leaping_and_blockwise_with_correctors_sample_a_semantic_kernel(workspace, sampler, nfe):
     p = yaml.safe_load((workspace / "params.yaml").read_text())
-    p["kernels"] = {"mask": {}, "knn": {"k": 4}}
-    p["sampler"]["name"] = "tau_leaping"
+    p["kernels"] = {"semdlm_plus": {"k_max": 4}}
+    p["sampler"].update(name=sampler, steps=4, strides=2, corrector_steps=1, top_k=5)
     (workspace / "params.yaml").write_text(yaml.safe_dump(p))
-    assert_bad_input(invoke("sample", "--kernel", "knn"), "tau_leaping does not support kernel 'knn'")
-    assert not Path("samples/knn").exists()
+    assert invoke("train", "--kernel", "semdlm_plus").exit_code == 0
+    res = invoke("sample", "--kernel", "semdlm_plus")
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(Path("metrics/semdlm_plus/sample.json").read_text())
+    assert metrics["sampler"] == sampler and metrics["nfe_per_batch"] == nfe
+    assert len(pd.read_parquet("samples/semdlm_plus/samples.parquet")) == p["sampler"]["num_samples"]
+
+
+def test_corrector_steps_with_the_ancestral_sampler_is_refused(workspace):
+    edit_params(workspace, "sampler", name="ancestral", corrector_steps=2)
+    assert_bad_input(invoke("sample", "--kernel", "mask"), "sampler.corrector_steps=2", "tau_leaping or blockwise")
+    assert not Path("samples/mask").exists()
 
 
 def test_alpha_plus_beta_above_one_is_refused_before_training(workspace):
