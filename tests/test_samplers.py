@@ -162,3 +162,28 @@ def test_cached_ancestral_is_bit_identical_to_plain_with_fewer_network_calls():
             for c in (True, False)]
     assert torch.equal(runs[0].ids, runs[1].ids)
     assert runs[1].nfe == 64 and runs[0].nfe <= 12  # 12 positions: at most 12 steps reveal something
+
+
+@pytest.mark.parametrize("name", ["uniform", "semdlm_plus"])
+def test_the_literal_reading_of_eq_121_does_not_converge_but_the_coupling_projection_does(name):
+    # docs/samplers.md: replacing x_t^i, w.p. (p_t - p_s) / p_t, by a fresh draw from q_s(. | x^_0) leaves the
+    # tokens off the noise level the denoiser is told; the coupling projection (ours) is exact
+    from tests.test_kernels import kernels
+
+    toy = Toy(V=6, L=2, extra=2)
+    kernel = kernels()[name]
+    denoise, n = toy.denoiser(kernel), 6000
+    literal, ours = [], []
+    for steps in (16, 128):
+        gen = torch.Generator().manual_seed(4)
+        x = kernel.sample_prior((n, toy.L), toy.token_marginal(), gen)
+        grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        for k in range(steps):
+            t, s = float(grid[k]), float(grid[k + 1])
+            x0_hat = categorical(denoise(x, torch.full((n,), t)).reshape(n * toy.L, -1), gen).view(n, toy.L)
+            fresh = kernel.sample_xt(x0_hat, torch.full((n,), s, dtype=torch.float64), gen)
+            x = torch.where(torch.rand(n, toy.L, dtype=torch.float64, generator=gen) < (t - s) / t, fresh, x)
+        literal.append(empirical_tv(toy, x))
+        ours.append(empirical_tv(toy, blockwise(denoise, kernel, n, toy.L, steps, 1, torch.Generator().manual_seed(4),
+                                                x0_dist=toy.token_marginal()).ids))
+    assert min(literal) > 0.08 and max(ours) < 0.05, (literal, ours)
