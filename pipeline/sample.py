@@ -21,7 +21,6 @@ from pipeline.artifacts import (
 )
 from pipeline.common import StageError, write_json, write_parquet
 from semdlm.config import Params, SamplerConfig
-from semdlm.ctmc import is_markov
 from semdlm.penalties import penalise, window_tokens
 from semdlm.samplers import Transform, ancestral, blockwise, tau_leaping
 
@@ -49,11 +48,6 @@ def run(params: Params, kernel_name: str) -> None:
     cfg = params.sampler
     vocab = load_vocab()
     kernel = load_kernel(kernel_name, params, vocab)
-    if cfg.name == "tau_leaping" and not is_markov(kernel):
-        raise StageError(
-            f"sampler.name=tau_leaping does not support kernel {kernel_name!r} (not a Markov jump process); "
-            "use sampler.name=ancestral or blockwise"
-        )
     model = load_denoiser(kernel_name)
     if cfg.name == "blockwise" and model.seq_len % cfg.strides:
         raise StageError(
@@ -67,17 +61,17 @@ def run(params: Params, kernel_name: str) -> None:
     start = time.perf_counter()
     columns = (TextColumn(f"sample@{kernel_name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as bar, torch.no_grad():
-        calls = cfg.strides * (cfg.steps // cfg.strides) if cfg.name == "blockwise" else cfg.steps
+        calls = cfg.strides * (cfg.steps // cfg.strides) if cfg.name == "blockwise" else cfg.steps  # bar: steps
         task = bar.add_task("sample", total=cfg.num_samples * calls)
         for first in range(0, cfg.num_samples, cfg.batch_size):
             n = min(cfg.batch_size, cfg.num_samples - first)
             advance = lambda n=n: bar.advance(task, n)  # noqa: E731 - one call per sampler step
             if cfg.name == "blockwise":
                 res = blockwise(model, kernel, n, model.seq_len, cfg.steps, cfg.strides, gen, x0_dist, cfg.top_p,
-                                cfg.rho, cfg.freeze_threshold, transform, advance)
+                                cfg.rho, cfg.freeze_threshold, transform, advance, cfg.top_k, cfg.corrector_steps)
             elif cfg.name == "tau_leaping":
                 res = tau_leaping(model, kernel, n, model.seq_len, cfg.steps, gen, cfg.corrector_steps, transform,
-                                  advance)
+                                  advance, x0_dist)
             else:
                 res = ancestral(model, kernel, n, model.seq_len, cfg.steps, gen, x0_dist, advance, transform,
                                 cfg.cache)

@@ -141,12 +141,13 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    name: str = "ancestral"  # "ancestral" (exact reverse coupling), "tau_leaping" (mask/uniform), "blockwise"
+    name: str = "ancestral"  # "ancestral" (exact reverse coupling), "tau_leaping" (CTMC + PC), "blockwise"
     steps: int = 64
     cache: bool = True  # ancestral + mask: no network call at steps where nothing is revealed
-    corrector_steps: int = 0  # tau_leaping: corrector steps after each predictor step
+    corrector_steps: int = 0  # tau_leaping, blockwise: corrector steps after each predictor step
     strides: int = 2  # blockwise: semi-autoregressive blocks (paper: 2)
     top_p: float = 1.0  # blockwise: nucleus truncation of the clean proposal
+    top_k: int = 0  # blockwise: top-k truncation of the clean proposal (0 = off)
     rho: float = 1.0  # blockwise: confidence exponent of Eq. 121
     freeze_threshold: float = 1.0  # blockwise: freeze a position once p(x_t^i | x_t) exceeds this (1 = never)
     lambda_freq: float = 0.0  # Eq. 23 frequency penalty
@@ -164,8 +165,12 @@ class SamplerConfig:
         _check(self.steps >= 1, f"sampler.steps={self.steps} must be >= 1")
         _check(self.strides >= 1, f"sampler.strides={self.strides} must be >= 1")
         _check(self.corrector_steps >= 0, f"sampler.corrector_steps={self.corrector_steps} must be >= 0")
+        _check(self.corrector_steps == 0 or self.name != "ancestral",
+               f"sampler.corrector_steps={self.corrector_steps} has no effect with sampler.name=ancestral; "
+               "use tau_leaping or blockwise, or set it to 0")
         _check(self.steps >= self.strides, f"sampler.steps={self.steps} must be >= sampler.strides={self.strides}")
         _check(0 < self.top_p <= 1, f"sampler.top_p={self.top_p} must be in (0, 1]")
+        _check(self.top_k >= 0, f"sampler.top_k={self.top_k} must be >= 0 (0 = no top-k truncation)")
         _check(self.rho >= 0, f"sampler.rho={self.rho} must be >= 0 (Eq. 121)")
         _check(0 < self.freeze_threshold <= 1, f"sampler.freeze_threshold={self.freeze_threshold} must be in (0, 1]")
         _check(self.lambda_freq >= 0 and self.lambda_sem >= 0,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from semdlm.coupling import reverse_step
+from semdlm.coupling import forward_step, reverse_step
 from semdlm.ctmc import is_markov, model_ratio, rate
 from semdlm.kernels import Kernel
 
@@ -119,6 +119,28 @@ def _leap(x: torch.Tensor, jump: torch.Tensor, generator: torch.Generator | None
     return draw(jump.scatter(-1, x[:, None], (1 - jump.sum(-1, keepdim=True)).clamp_min(0.0)), generator)
 
 
+def _rate_jumps(kernel: Kernel, x: torch.Tensor, p: torch.Tensor, level: torch.Tensor, dt: float,
+                forward: bool) -> torch.Tensor:
+    """Jump probabilities R dt of a Markov kernel at ``level`` ([N, V]): the model's reverse rate
+    lambda nu(x) s(y) (``semdlm.ctmc``), plus the forward rate lambda nu(y) for a corrector step."""
+    a = kernel.schedule.alpha(level)
+    lam = rate(kernel, level).clamp_max(1e12)
+    r = lam * kernel.nu[x][:, None] * model_ratio(p, x, kernel, a)
+    if forward:
+        r = r + lam * kernel.nu
+    return (r * dt).scatter(-1, x[:, None], 0.0)
+
+
+def renoise_denoise(kernel: Kernel, x: torch.Tensor, x0_hat: torch.Tensor, s: float, ds: float,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """Corrector for any kernel: the latent-flag process forward from s to s + ds and back, given x^_0.
+
+    With x^_0 drawn from the exact posterior q(x_0 | x_s) this leaves q_s invariant (a Gibbs step through
+    x_0; tests/test_coupling.py checks q_s(. | x_0) invariance)."""
+    up = min(1.0, s + ds)
+    return reverse_step(kernel, forward_step(kernel, x, x0_hat, s, up, generator), x0_hat, up, s, generator)
+
+
 def tau_leaping(
     denoise: Denoise,
     kernel: Kernel,
@@ -129,44 +151,56 @@ def tau_leaping(
     corrector_steps: int = 0,
     transform: Transform | None = None,
     on_step: Callable[[], None] | None = None,
+    x0_dist: torch.Tensor | None = None,
 ) -> SampleResult:
-    """CTMC tau-leaping (Campbell et al. 2022) for the Markov kernels (mask, uniform), with predictor-corrector.
+    """CTMC tau-leaping (Campbell et al. 2022) with predictor-corrector, for every kernel.
 
-    Predictor over [s, t]: jump x -> y with probability R^_t(x -> y) (t - s), R^ = lambda_t nu(x) s(y) the
-    model's reverse rate (``semdlm.ctmc``). Corrector at level s (``corrector_steps`` times): forward plus
-    reverse rates, lambda_s nu(y) + R^_s(x -> y), which leave q_s invariant. NFE = steps * (1 + corrector_steps).
+    Markov kernels (mask, uniform): predictor over [s, t] jumps x -> y with probability R^_t(x -> y)(t - s),
+    R^ = lambda_t nu(x) s(y) the model's reverse rate (``semdlm.ctmc``); the corrector at level s uses
+    forward plus reverse rates, lambda_s nu(y) + R^_s(x -> y), which leave q_s invariant.
+    Other kernels (knn, SemDLM+) have no CTMC generator with their marginals (docs/likelihood.md): the chain is
+    the latent-flag process of ``semdlm.coupling``, whose transition over a leap [s, t] is known in closed
+    form, so the predictor takes it exactly given x^_0 ~ p_theta(x_0 | x_t) (first-order rates would add
+    error and miss the jumps of the integer k_t), and the corrector is ``renoise_denoise``.
+    Correctors run after every predictor step except the last (s = 0). NFE = steps + corrector_steps * (steps - 1).
     """
-    if not is_markov(kernel):
-        raise ValueError(
-            f"sampler tau_leaping needs a Markov kernel (mask, uniform); {kernel.name!r} is not one: "
-            "use sampler.name=ancestral or blockwise"
-        )
-    x = kernel.sample_nu((num, seq_len), generator).reshape(-1)
+    markov = is_markov(kernel)
+    x = initial_state(kernel, num, seq_len, x0_dist, generator).reshape(-1)
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     nfe = 0
 
-    def jumps(level: torch.Tensor, dt: float, forward: bool) -> torch.Tensor:
+    def posterior(level: float) -> torch.Tensor:
         nonlocal nfe
-        logits = denoise(x.view(num, seq_len), torch.full((num,), float(level))).reshape(num * seq_len, -1)
+        logits = denoise(x.view(num, seq_len), torch.full((num,), level)).reshape(num * seq_len, -1)
         nfe += 1
         if transform is not None:
             logits = transform(logits, x.view(num, seq_len), torch.ones(num, seq_len, dtype=torch.bool).nonzero())
-        p = torch.softmax(logits.double(), -1)
-        a = kernel.schedule.alpha(level)
-        lam = rate(kernel, level).clamp_max(1e12)
-        r = lam * kernel.nu[x][:, None] * model_ratio(p, x, kernel, a)
-        if forward:
-            r = r + lam * kernel.nu
-        return (r * dt).scatter(-1, x[:, None], 0.0)
+        return torch.softmax(logits.double(), -1)
 
     for k in range(steps):
         t, s = grid[k].clamp_max(1 - 1e-9), grid[k + 1]
-        x = _leap(x, jumps(t, float(t - s), forward=False), generator)
-        for _ in range(corrector_steps):
-            x = _leap(x, jumps(s.clamp_min(1e-9), float(t - s), forward=True), generator)
+        dt = float(t - s)
+        if markov:
+            x = _leap(x, _rate_jumps(kernel, x, posterior(float(t)), t, dt, forward=False), generator)
+        else:
+            x = reverse_step(kernel, x, draw(posterior(float(t)), generator), float(t), float(s), generator)
+        for _ in range(corrector_steps if s > 0 else 0):
+            if markov:
+                x = _leap(x, _rate_jumps(kernel, x, posterior(float(s)), s, dt, forward=True), generator)
+            else:
+                x = renoise_denoise(kernel, x, draw(posterior(float(s)), generator), float(s), dt, generator)
         if on_step is not None:
             on_step()
     return SampleResult(x.view(num, seq_len), nfe)
+
+
+def truncate(logits: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """Top-k (0 = off) then nucleus truncation of logits ([N, V]), float64; -inf outside the kept set."""
+    logits = logits.to(torch.float64)
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return top_p_filter(logits, top_p)
 
 
 def blockwise(
@@ -183,18 +217,23 @@ def blockwise(
     freeze_threshold: float = 1.0,
     transform: Transform | None = None,
     on_step: Callable[[], None] | None = None,
+    top_k: int = 0,
+    corrector_steps: int = 0,
 ) -> SampleResult:
     """The paper's semi-autoregressive "blockwise predictor" sampler (Sec. 5, App. E.1, Eq. 121).
 
     The sequence is cut into ``strides`` blocks, denoised left to right with ``steps // strides`` steps each;
     every position starts from the kernel's reference distribution (nu for mask, uniform and SemDLM+). At a
     step t -> s of the current block: predict p_theta(x_0 | x_t), apply ``transform`` (penalties), truncate
-    to ``top_p``, draw a clean proposal x^_0 and project it to level s with the kernel's reverse coupling
-    q(x_s | x_t, x^_0) (``semdlm.coupling``: a corrupted token is replaced by x^_0 with probability
+    (``top_k``, ``top_p``), draw a clean proposal x^_0 and project it to level s with the kernel's reverse
+    coupling q(x_s | x_t, x^_0) (``semdlm.coupling``: a corrupted token is replaced by x^_0 with probability
     (p_t - p_s) / p_t, p_t = 1 - alpha_t, else moved within the level-s kernel). The projected token is
     accepted with probability (1 - p_theta(x_t^i | x_t))^rho (Eq. 121's confidence factor), never at frozen
-    positions (confidence above ``freeze_threshold``). With rho = 0, no freezing and top_p = 1 this is the
-    exact ancestral sampler run block by block. NFE = strides * (steps // strides).
+    positions (confidence above ``freeze_threshold``). Then ``corrector_steps`` predictor-corrector steps
+    (``renoise_denoise``) at level s on the block. With rho = 0, no freezing and no truncation this is the
+    exact ancestral sampler run block by block. (Reading Eq. 121 as "replace by a fresh draw from
+    q_s(. | x^_0)" instead does not converge: for mask it unmasks only (t - s)^2 / t per step;
+    docs/samplers.md.) NFE = strides * (per-block steps + corrector_steps * (per-block steps - 1)).
     """
     if seq_len % strides:
         raise ValueError(f"strides={strides} does not divide seq_len={seq_len}")
@@ -207,19 +246,27 @@ def blockwise(
         lo, hi = b * block, (b + 1) * block
         frozen = torch.zeros(num, block, dtype=torch.bool)
         pos = torch.stack(torch.meshgrid(torch.arange(num), torch.arange(lo, hi), indexing="ij"), -1).reshape(-1, 2)
+
+        def predict(level: float, lo: int = lo, hi: int = hi, pos: torch.Tensor = pos) -> torch.Tensor:
+            nonlocal nfe
+            logits = denoise(x, torch.full((num,), level))[:, lo:hi].reshape(num * block, -1)
+            nfe += 1
+            return logits if transform is None else transform(logits, x, pos)
+
         for k in range(per_block):
             t, s = float(grid[k]), float(grid[k + 1])
-            logits = denoise(x, torch.full((num,), t))[:, lo:hi].reshape(num * block, -1)
-            nfe += 1
+            logits = predict(t)
             current = x[:, lo:hi].reshape(-1)
             conf = torch.softmax(logits.double(), -1).gather(-1, current[:, None]).squeeze(-1).view(num, block)
             frozen |= conf > freeze_threshold
-            if transform is not None:
-                logits = transform(logits, x, pos)
-            x0_hat = categorical(top_p_filter(logits, top_p), generator)
+            x0_hat = categorical(truncate(logits, top_p, top_k), generator)
             proposal = reverse_step(kernel, current, x0_hat, t, s, generator).view(num, block)
             accept = torch.rand(num, block, dtype=torch.float64, generator=generator) < (1.0 - conf).clamp_min(0) ** rho
             x[:, lo:hi] = torch.where(accept & ~frozen, proposal, x[:, lo:hi])
+            for _ in range(corrector_steps if s > 0 else 0):
+                x0_hat = categorical(truncate(predict(s), top_p, top_k), generator)
+                fixed = renoise_denoise(kernel, x[:, lo:hi].reshape(-1), x0_hat, s, t - s, generator)
+                x[:, lo:hi] = torch.where(frozen, x[:, lo:hi], fixed.view(num, block))
             if on_step is not None:
                 on_step()
     return SampleResult(x, nfe)

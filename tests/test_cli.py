@@ -1,5 +1,6 @@
 import contextlib
 import io
+import json
 import os
 import shutil
 from pathlib import Path
@@ -124,6 +125,20 @@ def test_tokenize_reads_a_local_datasets_directory(tmp_path, evaluator_dir):
         assert read_corpus(load_params().data) == texts
 
 
+@pytest.mark.parametrize(("sampler", "nfe"), [("tau_leaping", 4 + 3), ("blockwise", 2 * (2 + 1))])
+def test_tau_leaping_and_blockwise_with_correctors_sample_a_semantic_kernel(workspace, sampler, nfe):
+    p = yaml.safe_load((workspace / "params.yaml").read_text())
+    p["kernels"] = {"semdlm_plus": {"k_max": 4}}
+    p["sampler"].update(name=sampler, steps=4, strides=2, corrector_steps=1, top_k=5)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(p))
+    assert invoke("train", "--kernel", "semdlm_plus").exit_code == 0
+    res = invoke("sample", "--kernel", "semdlm_plus")
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(Path("metrics/semdlm_plus/sample.json").read_text())
+    assert metrics["sampler"] == sampler and metrics["nfe_per_batch"] == nfe
+    assert len(pd.read_parquet("samples/semdlm_plus/samples.parquet")) == p["sampler"]["num_samples"]
+
+
 # ---- bad-input matrix: exit code 2, one `error:` line naming the bad value and the fix, the stage's outs untouched
 
 
@@ -211,11 +226,14 @@ BAD_INPUTS = {
     "unknown sampler": (params("sampler", name="gibbs"), ["sample", "-k", "mask"],
                         ["sampler.name='gibbs' is unknown", "choose one of ancestral, tau_leaping, blockwise"],
                         SAMPLE_MASK),
-    "sampler incompatible with kernel": (
-        lambda ws, mp: (set_kernels(ws, mask={}, knn={"k": 4}), edit_params(ws, "sampler", name="tau_leaping")),
-        ["sample", "-k", "knn"],
-        ["sampler.name=tau_leaping does not support kernel 'knn'", "use sampler.name=ancestral"],
-        ["samples/knn", "metrics/knn"]),
+    "sampler option incompatible with the sampler": (params("sampler", name="ancestral", corrector_steps=2),
+                                                     ["sample", "-k", "mask"],
+                                                     ["sampler.corrector_steps=2", "tau_leaping or blockwise"],
+                                                     SAMPLE_MASK),
+    "sampler incompatible with the model": (params("sampler", name="blockwise", strides=3, steps=6),
+                                            ["sample", "-k", "mask"],
+                                            ["sampler.strides=3 does not divide the sequence length 16",
+                                             "choose a divisor"], SAMPLE_MASK),
     "alpha_min out of range": (kernels(semdlm_plus={"alpha_min": 1.5, "k_max": 4}), ["train", "-k", "semdlm_plus"],
                                ["alpha_min=1.5 is outside [0, 1]", "choose a value in [0, 1)"],
                                ["models/semdlm_plus", "checkpoints/semdlm_plus"]),

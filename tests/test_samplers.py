@@ -107,7 +107,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert torch.isfinite(top_p_filter(logits, 1.0)).all()
 
 
-@pytest.mark.parametrize("name", ["mask", "uniform"])
+@pytest.mark.parametrize("name", ["mask", "uniform", "knn", "semdlm_plus"])
 def test_tau_leaping_with_exact_posterior_converges_to_data_as_steps_grow(name):
     from tests.test_kernels import kernels
 
@@ -115,28 +115,44 @@ def test_tau_leaping_with_exact_posterior_converges_to_data_as_steps_grow(name):
     kernel = kernels()[name]
     tv = []
     for steps in (4, 128):
-        res = tau_leaping(toy.denoiser(kernel), kernel, 6000, toy.L, steps, torch.Generator().manual_seed(0))
+        res = tau_leaping(toy.denoiser(kernel), kernel, 6000, toy.L, steps, torch.Generator().manual_seed(0),
+                          x0_dist=toy.token_marginal())
         assert res.nfe == steps
         tv.append(empirical_tv(toy, res.ids))
     assert tv[1] < 0.06 and tv[1] < tv[0], tv
 
 
-def test_tau_leaping_corrector_keeps_the_exact_distribution():
+@pytest.mark.parametrize("name", ["uniform", "knn", "semdlm_plus"])
+def test_tau_leaping_corrector_keeps_the_exact_distribution(name):
     from tests.test_kernels import kernels
 
     toy = Toy(V=6, L=2, extra=2)
-    kernel = kernels()["uniform"]
-    res = tau_leaping(toy.denoiser(kernel), kernel, 6000, toy.L, 64, torch.Generator().manual_seed(1),
-                      corrector_steps=1)
-    assert res.nfe == 128
+    kernel = kernels()[name]
+    res = tau_leaping(toy.denoiser(kernel), kernel, 6000, toy.L, 32, torch.Generator().manual_seed(1),
+                      corrector_steps=2, x0_dist=toy.token_marginal())
+    assert res.nfe == 32 + 2 * 31  # no corrector after the last step
     assert empirical_tv(toy, res.ids) < 0.06
 
 
-def test_tau_leaping_refuses_a_non_markov_kernel():
+@pytest.mark.parametrize("name", ["mask", "semdlm_plus"])
+def test_blockwise_with_correctors_keeps_the_exact_distribution(name):
     from tests.test_kernels import kernels
 
-    with pytest.raises(ValueError, match="tau_leaping needs a Markov kernel"):
-        tau_leaping(lambda x, t: torch.zeros(*x.shape, 8), kernels()["semdlm_plus"], 1, 2, 4)
+    toy = Toy(V=6, L=2, extra=2)
+    kernel = kernels()[name]
+    res = blockwise(toy.denoiser(kernel), kernel, 6000, toy.L, steps=32, strides=1,
+                    generator=torch.Generator().manual_seed(3), x0_dist=toy.token_marginal(), corrector_steps=1)
+    assert res.nfe == 32 + 31
+    assert empirical_tv(toy, res.ids) < 0.06
+
+
+def test_truncate_keeps_the_top_k_then_the_nucleus():
+    from semdlm.samplers import truncate
+
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.3, 0.2]], dtype=torch.float64))
+    assert torch.isfinite(truncate(logits, top_k=2)).tolist() == [[False, True, True, False]]
+    assert torch.isfinite(truncate(logits, top_p=0.6, top_k=3)).tolist() == [[False, True, True, False]]
+    assert torch.isfinite(truncate(logits)).all()
 
 
 def test_cached_ancestral_is_bit_identical_to_plain_with_fewer_network_calls():
@@ -146,3 +162,28 @@ def test_cached_ancestral_is_bit_identical_to_plain_with_fewer_network_calls():
             for c in (True, False)]
     assert torch.equal(runs[0].ids, runs[1].ids)
     assert runs[1].nfe == 64 and runs[0].nfe <= 12  # 12 positions: at most 12 steps reveal something
+
+
+@pytest.mark.parametrize("name", ["uniform", "semdlm_plus"])
+def test_the_literal_reading_of_eq_121_does_not_converge_but_the_coupling_projection_does(name):
+    # docs/samplers.md: replacing x_t^i, w.p. (p_t - p_s) / p_t, by a fresh draw from q_s(. | x^_0) leaves the
+    # tokens off the noise level the denoiser is told; the coupling projection (ours) is exact
+    from tests.test_kernels import kernels
+
+    toy = Toy(V=6, L=2, extra=2)
+    kernel = kernels()[name]
+    denoise, n = toy.denoiser(kernel), 6000
+    literal, ours = [], []
+    for steps in (16, 128):
+        gen = torch.Generator().manual_seed(4)
+        x = kernel.sample_prior((n, toy.L), toy.token_marginal(), gen)
+        grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+        for k in range(steps):
+            t, s = float(grid[k]), float(grid[k + 1])
+            x0_hat = categorical(denoise(x, torch.full((n,), t)).reshape(n * toy.L, -1), gen).view(n, toy.L)
+            fresh = kernel.sample_xt(x0_hat, torch.full((n,), s, dtype=torch.float64), gen)
+            x = torch.where(torch.rand(n, toy.L, dtype=torch.float64, generator=gen) < (t - s) / t, fresh, x)
+        literal.append(empirical_tv(toy, x))
+        ours.append(empirical_tv(toy, blockwise(denoise, kernel, n, toy.L, steps, 1, torch.Generator().manual_seed(4),
+                                                x0_dist=toy.token_marginal()).ids))
+    assert min(literal) > 0.08 and max(ours) < 0.05, (literal, ours)
