@@ -106,3 +106,30 @@ def test_batch_not_divisible_by_ranks_is_refused(workspace, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(StageError, match="batch_size=6 is not divisible by 2 ranks x train.grad_accum=2"):
         train.setup_dist(load_params().train)
+
+
+def test_ema_weights_are_validated_and_saved_as_the_model(workspace):
+    from pipeline import train
+
+    set_train(workspace, ema=0.5)
+    train.run(load_params(), KERNEL)
+    state = torch.load(f"checkpoints/{KERNEL}/state.pt", weights_only=True)
+    saved = weights()
+    assert_same_weights(saved, state["ema"])
+    assert not torch.equal(saved["embed.weight"], state["model"]["embed.weight"])
+
+
+def test_ema_update_is_the_exponential_moving_average():
+    from pipeline.train import EMA
+    from semdlm.config import ModelConfig
+    from semdlm.model import Denoiser
+
+    model = Denoiser(11, 8, ModelConfig(d_model=8, n_layers=1, n_heads=2))
+    ema = EMA(model, 0.9)
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for k, v in ema.model.state_dict().items():
+        torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * model.state_dict()[k])
