@@ -44,6 +44,7 @@ from semdlm.likelihood import bound_name, validation_nelbo
 from semdlm.loss import change_aware_loss, change_weights, stratified_times, time_weight, token_ce
 from semdlm.model import Denoiser
 
+EVAL_LOGITS = 2**27  # logits per validation batch (1 GiB of float64): bounds the batch at large L x V
 RUNTIME_FIELDS = ("devices", "grad_accum", "device", "precision", "compile", "threads")  # not in the fingerprint
 
 
@@ -180,8 +181,6 @@ class Checkpoint:
         return state
 
 
-
-
 class EMA:
     """Exponential moving average of the weights (decay 0 = off: the trained weights themselves)."""
 
@@ -212,7 +211,8 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
     vocab = load_vocab()
     kernel = load_kernel(kernel_name, params, vocab)
     kcfg = params.kernels[kernel_name]
-    train, valid = load_rows("train"), load_split("valid")
+    train = load_rows("train")
+    valid = load_split("valid") if dist.main else torch.zeros(0, train.shape[1], dtype=torch.long)  # rank 0 validates
     seq_len = train.shape[1]
     unigram_ce = read_json(PRIOR_METRICS, "prior")["unigram_valid_ce"]
     micro = cfg.batch_size // (dist.world * cfg.grad_accum)
@@ -256,14 +256,17 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
     def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
+    eval_bs = min(micro, max(1, EVAL_LOGITS // (seq_len * vocab.size)))  # float64 bound arithmetic is on the CPU
+
     def evaluate(batches: int, repeats: int = 1) -> float:
+        """Bound over the first ``batches`` x batch_size validation sequences, with the EMA weights."""
         def denoise(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with autocast():
                 return ema.model(xt.to(dist.device), t.to(dist.device)).float().cpu()
 
         ema.model.eval()
         with torch.no_grad():
-            v = validation_nelbo(denoise, kernel, valid, micro, batches * cfg.grad_accum * dist.world, cfg.seed,
+            v = validation_nelbo(denoise, kernel, valid, eval_bs, -(-batches * cfg.batch_size // eval_bs), cfg.seed,
                                  cfg.bound_steps, unigram, repeats)
         ema.model.train()
         return v

@@ -3,6 +3,8 @@
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import yaml
 
 from pipeline.common import load_params
 from tests.ddp_worker import train_rank
-from tests.tiny import write_params
+from tests.tiny import REPO, write_params
 
 KERNEL = "uniform"  # lambda_same != lambda_chg: the Eq. 120 normaliser must be the global batch's
 TRAIN = {"steps": 4, "batch_size": 8, "warmup_steps": 2, "eval_every": 100, "ckpt_every": 2, "log_every": 2,
@@ -77,12 +79,17 @@ def spawn(world: int, ws: Path) -> None:
     mp.spawn(train_rank, args=(world, free_port(), KERNEL, str(ws / "keep")), nprocs=world, join=True)
 
 
-def test_two_gloo_ranks_train_the_same_parameters_as_one_process(single, workspace):
+def test_train_command_with_two_devices_runs_torchrun_and_matches_one_process(single, workspace):
+    """The dvc command (`python -m pipeline train`) re-launches under torchrun: 2 gloo ranks, same weights."""
     set_train(workspace, devices=2)
-    spawn(2, workspace)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "pipeline", "train", "--kernel", KERNEL], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "torch.distributed.run --standalone --nproc_per_node=2" in res.stdout
     assert_same_weights(weights(), single[1])
-    state = torch.load("keep/step4.pt", weights_only=True)
-    assert state["step"] == 4 and len(state["train_log"]) == 2
+    state = torch.load(f"checkpoints/{KERNEL}/state.pt", weights_only=True)
+    assert state["step"] == 4 and len(state["train_log"]) == 2  # rank 0 alone logged
 
 
 def test_a_two_rank_checkpoint_resumes_on_one_rank_to_the_same_parameters(single, workspace, capsys):
