@@ -35,8 +35,8 @@ class Named:
 
 NAMED = {
     "lm1b": Named("lm1b", None, "train", "test", lm1b_detokenize),
-    "openwebtext": Named("openwebtext", None, "train", None),
-    "wikitext103": Named("wikitext", "wikitext-103-raw-v1", "train", "validation"),
+    "openwebtext": Named("Skylion007/openwebtext", None, "train", None),
+    "wikitext103": Named("Salesforce/wikitext", "wikitext-103-raw-v1", "train", "validation"),
 }
 
 Docs = Any  # list[str] or a (memory-mapped) datasets.Dataset: both have len() and [i:j] slicing
@@ -113,7 +113,10 @@ def _named(cfg: DataConfig, spec: Named) -> Corpus:
 def _named_split(datasets: Any, cfg: DataConfig, spec: Named, split: str) -> Any:
     """One split of a named corpus from the hub or from ``data.path``."""
     if not cfg.path:
-        return datasets.load_dataset(spec.hub, spec.config, split=split)
+        try:
+            return datasets.load_dataset(spec.hub, spec.config, split=split)
+        except RuntimeError:  # a hub repo with a loading script (datasets >= 4 runs none): its parquet export
+            return datasets.load_dataset(spec.hub, spec.config, split=split, revision="refs/convert/parquet")
     path = Path(cfg.path)
     if not path.exists():
         raise FileNotFoundError(path)
