@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 
@@ -280,11 +281,18 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
     last_good = step
     columns = (TextColumn(f"train@{kernel_name}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn())
-    with Progress(*columns, disable=not dist.main) as bar:
+    # every rank corrupts the whole global batch on the CPU: on a GPU or over several ranks, draw the next one in a
+    # background thread while this step computes (the generator is used in the same order: same results)
+    prefetch = dist.device.type == "cuda" or dist.world > 1
+    pending: Future[Batch] | None = None
+    with Progress(*columns, disable=not dist.main) as bar, ThreadPoolExecutor(1) as pool:
         task = bar.add_task("train", total=cfg.steps, completed=step, loss=float("nan"))
         while step < cfg.steps:
             t0 = time.perf_counter()
-            batch = draw_batch(train, kernel, cfg, kcfg, gen)
+            batch = pending.result() if pending else draw_batch(train, kernel, cfg, kcfg, gen)
+            gen_state = gen.get_state()  # after this step's draws: what a resumed run continues from
+            more = prefetch and step + 1 < cfg.steps
+            pending = pool.submit(draw_batch, train, kernel, cfg, kcfg, gen) if more else None
             opt.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=dist.device)
             for j in range(cfg.grad_accum):
@@ -323,7 +331,7 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
                 barrier()
             if (step % cfg.ckpt_every == 0 or step == cfg.steps) and dist.main:
                 ckpt.save({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                           "scheduler": sched.state_dict(), "generator": gen_state,
                            "torch_rng": torch.get_rng_state(), "step": step, "train_log": train_log,
                            "val_log": val_log, "train_seconds": train_seconds,
                            **({"ema": ema.model.state_dict()} if cfg.ema else {})})
