@@ -19,7 +19,7 @@ import torch
 
 from pipeline.artifacts import load_kernel, load_split, load_vocab
 from pipeline.common import load_params
-from pipeline.train import make_optimizer, train_step
+from pipeline.train import corrupt_batch, make_optimizer, train_step
 from semdlm.config import KernelConfig
 from semdlm.model import Denoiser
 
@@ -46,7 +46,8 @@ def main() -> None:
             opt = make_optimizer(model, p.train)
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                loss = train_step(model, kernel, x0, p.train, p.kernels[name], gen)
+                batch = corrupt_batch(x0, kernel, p.train, p.kernels[name], gen)
+                loss = train_step(model, kernel, batch, slice(None), p.kernels[name], x0.device)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -53,10 +53,12 @@ def prior(params: str = ParamsOpt) -> None:
 @app.command()
 @stage
 def train(kernel: str = KernelOpt, params: str = ParamsOpt) -> None:
-    """Train the denoiser for one kernel ([bold]model[/], [bold]train[/], [bold]kernels.<name>[/]); resumes."""
+    """Train the denoiser for one kernel ([bold]model[/], [bold]train[/], [bold]kernels.<name>[/]); resumes.
+
+    With train.devices > 1 it re-launches itself under torchrun (DDP, one process per device)."""
     from pipeline import train as m
 
-    m.run(load_params(params), kernel)
+    m.launch(params, kernel)
 
 
 @app.command()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,11 +60,56 @@ def load_vocab() -> Vocab:
     return Vocab(np.asarray(v["ids"], dtype=np.int64), v["tokens"], s["pad"], s["unk"], s["cls"], s["sep"], s["mask"])
 
 
+def split_shards(name: str) -> list[Path]:
+    """The parquet shards of a tokenized split (data/tokens/<name>/part-*.parquet), in order."""
+    shards = sorted((TOKENS / name).glob("part-*.parquet"))
+    if not shards:
+        raise StageError(f"missing upstream files {TOKENS / name}/part-*.parquet; run `dvc repro tokenize` first")
+    return shards
+
+
+def read_rows(path: Path) -> np.ndarray:
+    """One shard as [rows, seq_len] int32."""
+    import pyarrow.parquet as pq
+
+    col = pq.read_table(path, columns=["ids"]).column("ids").combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+
+
+def iter_split(name: str) -> Iterator[np.ndarray]:
+    """The split shard by shard, each as [rows, seq_len] int32 (constant memory for any corpus size)."""
+    for path in split_shards(name):
+        try:
+            yield read_rows(path)
+        except Exception as e:  # noqa: BLE001 - any parse failure means the same thing to the user
+            raise StageError(
+                f"{path} is unreadable ({e.__class__.__name__}); delete data/tokens and run `dvc repro tokenize`"
+            ) from None
+
+
+def load_rows(name: str) -> np.ndarray:
+    """All sequences of a split in one [rows, seq_len] array: uint16 when the vocabulary allows (it does for
+    bert-base-uncased; OpenWebText is then ~18 GB), else int32. Filled shard by shard, no second copy."""
+    import pyarrow.parquet as pq
+
+    shards = split_shards(name)
+    sizes = [pq.ParquetFile(p).metadata.num_rows for p in shards]
+    vocab_size = len(read_json(VOCAB, "tokenize")["ids"])
+    rows: np.ndarray | None = None
+    at = 0
+    for part in iter_split(name):
+        if rows is None:
+            rows = np.empty((sum(sizes), part.shape[1]), dtype=np.uint16 if vocab_size <= 2**16 else np.int32)
+        rows[at : at + len(part)] = part
+        at += len(part)
+    if rows is None or len(rows) == 0:
+        raise StageError(f"{TOKENS / name} has no sequences; use a larger corpus or a smaller data.seq_len")
+    return rows
+
+
 def load_split(name: str) -> torch.Tensor:
-    df = read_parquet(TOKENS / f"{name}.parquet", "tokenize")
-    if len(df) == 0:
-        raise StageError(f"{TOKENS / name}.parquet has no sequences; use a larger corpus or a smaller data.seq_len")
-    return torch.from_numpy(np.stack(df["ids"].to_numpy()).astype(np.int64))
+    """A split as one [rows, seq_len] int64 tensor (for the validation split and small corpora)."""
+    return torch.from_numpy(load_rows(name).astype(np.int64))
 
 
 def load_prior() -> dict[str, torch.Tensor]:

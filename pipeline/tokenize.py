@@ -1,97 +1,162 @@
-"""tokenize: corpus -> bert-base-uncased ids -> seeded document split -> packed sequences (parquet)."""
+"""tokenize: corpus -> bert-base-uncased ids -> packed sequences, as sharded parquet.
+
+Documents stream through ``data.workers`` tokenizer processes in chunks; the train split's token counts are
+gathered on the way, rows are packed ("wrap") and written in shards of ``data.shard_sequences`` rows, so a
+corpus the size of OpenWebText never has to fit in memory. With the compact vocabulary the shards are re-mapped
+shard by shard once the counts are known. Outs: data/tokens/{train,valid}/part-*.parquet and vocab.json.
+"""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline import assets
-from pipeline.artifacts import TOKENS, VOCAB
+from pipeline.artifacts import TOKENS, VOCAB, read_rows
 from pipeline.common import StageError, atomic, write_json
+from pipeline.sources import Corpus, open_corpus, read_corpus  # noqa: F401 - read_corpus is part of this API
 from semdlm.config import DataConfig
-from semdlm.data import compact_vocab, lookup_table, pack, split_documents
+from semdlm.data import Packer, compact_vocab, lookup_table
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+CHUNK_DOCS = 2000  # documents per tokenizer task
+
+_worker: dict = {}
 
 
-def read_corpus(cfg: DataConfig) -> list[str]:
-    """Documents from the embedded BBC corpus, a text file / directory, or a datasets id / local dataset."""
-    if cfg.source == "bbcnews":
-        return assets.bbc_news()
-    path = Path(cfg.source)
-    if path.is_file():
-        text = path.read_text(encoding="utf-8", errors="replace")
-        blocks = [b for b in text.split("\n\n") if b.strip()]
-        return blocks if len(blocks) > 1 else text.splitlines()
-    if path.is_dir() and not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
-        return [p.read_text(encoding="utf-8", errors="replace") for p in sorted(path.rglob("*.txt"))]
-    return _read_dataset(cfg, path)
+def _init_worker(detokenize: Callable[[str], str] | None, pooled: bool) -> None:
+    if pooled:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
+    _worker.update(tok=assets.tokenizer(), detokenize=detokenize)
 
 
-def _read_dataset(cfg: DataConfig, path: Path) -> list[str]:
-    import datasets
+def _encode(texts: list[str]) -> list[np.ndarray]:
+    tok, detok = _worker["tok"], _worker["detokenize"]
+    texts = [detok(t) for t in texts] if detok else texts
+    return [np.asarray(e.ids, dtype=np.int32) for e in tok.encode_batch(texts, add_special_tokens=False)]
 
-    try:
-        if path.is_dir():
-            ds = datasets.load_from_disk(str(path))
-            ds = ds[cfg.hf_split] if isinstance(ds, datasets.DatasetDict) else ds
-        else:
-            ds = datasets.load_dataset(cfg.source, split=cfg.hf_split)
-    except Exception as e:  # noqa: BLE001 - hub / network / format errors all mean "cannot read this source"
-        kind = "path" if path.exists() else "dataset id (no such local path; the hub needs internet)"
+
+class ShardWriter:
+    """Rows -> parquet shards ``part-00000.parquet`` ... of ``rows_per_shard`` rows (column ``ids``)."""
+
+    def __init__(self, folder: Path, seq_len: int, rows_per_shard: int, count_id: int) -> None:
+        self.folder, self.seq_len, self.rows_per_shard, self.count_id = folder, seq_len, rows_per_shard, count_id
+        folder.mkdir(parents=True)
+        self._buf: list[np.ndarray] = []
+        self._held = 0
+        self.shards = self.rows = self.counted = 0  # counted: tokens equal to count_id
+
+    def add(self, rows: np.ndarray) -> None:
+        self.counted += int((rows == self.count_id).sum())
+        self._buf.append(rows)
+        self._held += len(rows)
+        while self._held >= self.rows_per_shard:
+            block = np.concatenate(self._buf)
+            self._write(block[: self.rows_per_shard])
+            rest = block[self.rows_per_shard :]
+            self._buf, self._held = [rest], len(rest)
+
+    def close(self) -> None:
+        if self._held or not self.shards:
+            self._write(np.concatenate(self._buf) if self._buf else np.zeros((0, self.seq_len), dtype=np.int32))
+        self._buf, self._held = [], 0
+
+    def _write(self, rows: np.ndarray) -> None:
+        write_rows(self.folder / f"part-{self.shards:05d}.parquet", rows)
+        self.shards += 1
+        self.rows += len(rows)
+
+
+def write_rows(path: Path, rows: np.ndarray) -> None:
+    flat = pa.array(np.ascontiguousarray(rows, dtype=np.int32).reshape(-1))
+    pq.write_table(pa.table({"ids": pa.FixedSizeListArray.from_arrays(flat, rows.shape[1])}), path)
+
+
+def _token_chunks(corpus: Corpus, split: str, workers: int) -> Iterator[list[np.ndarray]]:
+    chunks = corpus.batches(split, CHUNK_DOCS)
+    if workers == 1:
+        _init_worker(corpus.detokenize, pooled=False)
+        yield from map(_encode, chunks)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds tokenizer threads
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(corpus.detokenize, True)) as pool:
+        yield from pool.imap(_encode, chunks)
+
+
+def _write_split(corpus: Corpus, split: str, cfg: DataConfig, out: Path, specials: dict[str, int],
+                 counts: np.ndarray | None) -> tuple[int, ShardWriter]:
+    """Tokenize, count (train), pack and write one split with full-vocabulary ids; returns (documents, writer)."""
+    packer = Packer(cfg.seq_len, specials["cls"], specials["sep"])
+    writer = ShardWriter(out / split, cfg.seq_len, cfg.shard_sequences, specials["unk"])
+    n_docs = 0
+    columns = (TextColumn(f"tokenize {split}"), BarColumn(), MofNCompleteColumn(), TextColumn("documents"),
+               TimeRemainingColumn())
+    with Progress(*columns, disable=len(corpus.splits[split]) < 10 * CHUNK_DOCS) as bar:
+        task = bar.add_task(split, total=len(corpus.splits[split]))
+        for raw in _token_chunks(corpus, split, cfg.workers):
+            ids = [x for x in raw if len(x)]
+            n_docs += len(ids)
+            if counts is not None and ids:
+                counts += np.bincount(np.concatenate(ids), minlength=len(counts))
+            writer.add(packer.push(ids))
+            bar.advance(task, len(raw))
+    writer.close()
+    if writer.rows == 0:
         raise StageError(
-            f"data.source={cfg.source!r}: cannot load this {kind}: {e.__class__.__name__}; "
-            "use 'bbcnews', a .txt file/dir, or a local dataset saved with save_to_disk"
-        ) from None
-    if cfg.text_field not in ds.column_names:
-        raise StageError(
-            f"data.text_field={cfg.text_field!r} is not a column of {cfg.source} ({', '.join(ds.column_names)})"
+            f"the {split} split has no full sequence of data.seq_len={cfg.seq_len} tokens; "
+            "use a larger corpus, a smaller seq_len or a larger data.valid_fraction"
         )
-    return list(ds[cfg.text_field])
+    return n_docs, writer
+
+
+def _remap(folder: Path, table: np.ndarray, unk: int) -> int:
+    """Map every shard of ``folder`` through ``table`` in place; returns how many tokens became ``unk``."""
+    n_unk = 0
+    for path in sorted(folder.glob("part-*.parquet")):
+        rows = table[read_rows(path)]
+        n_unk += int((rows == unk).sum())
+        write_rows(path, rows)
+    return n_unk
 
 
 def run(cfg: DataConfig) -> None:
-    if cfg.source != "bbcnews" and not cfg.source.strip():
-        raise StageError("data.source is empty; use 'bbcnews', a text file/dir or a dataset id")
-    if Path(cfg.source).suffix and not Path(cfg.source).exists():
-        raise StageError(f"data.source={cfg.source!r} does not exist; check the path")
-    docs = [d for d in read_corpus(cfg) if d.strip()]
-    if cfg.max_docs:
-        docs = docs[: cfg.max_docs]
-    if len(docs) < 2:
-        raise StageError(f"data.source={cfg.source!r} has {len(docs)} non-empty documents; need at least 2")
+    corpus = open_corpus(cfg)
     tok = assets.tokenizer()
-    full = [np.asarray(e.ids, dtype=np.int64) for e in tok.encode_batch(docs, add_special_tokens=False)]
-    train_idx, valid_idx = split_documents(len(docs), cfg.valid_fraction, cfg.seed)
     V_full = tok.get_vocab_size()
-    counts = np.bincount(np.concatenate([full[i] for i in train_idx]), minlength=V_full)
     special_full = [tok.token_to_id(s) for s in SPECIALS]
-    kept = compact_vocab(counts, cfg.min_count, special_full) if cfg.vocab == "compact" else np.arange(V_full)
-    table = lookup_table(kept, V_full, unk_compact=int(np.flatnonzero(kept == special_full[1])[0]))
-    special = {s.strip("[]").lower(): int(table[i]) for s, i in zip(SPECIALS, special_full, strict=True)}
-    splits = {
-        name: pack([table[full[i]] for i in idx], cfg.seq_len, special["cls"], special["sep"])
-        for name, idx in (("train", train_idx), ("valid", valid_idx))
-    }
-    for name, rows in splits.items():
-        if len(rows) == 0:
-            raise StageError(
-                f"the {name} split has no full sequence of data.seq_len={cfg.seq_len} tokens; "
-                "use a larger corpus, a smaller seq_len or a larger data.valid_fraction"
-            )
+    names = [s.strip("[]").lower() for s in SPECIALS]
+    counts = np.zeros(V_full, dtype=np.int64)
     with atomic(TOKENS) as tmp:
         tmp.mkdir()
-        for name, rows in splits.items():
-            pd.DataFrame({"ids": list(rows)}).to_parquet(tmp / f"{name}.parquet", index=False)
+        full_specials = dict(zip(names, special_full, strict=True))
+        docs, writers = {}, {}
+        for split in ("train", "valid"):
+            docs[split], writers[split] = _write_split(corpus, split, cfg, tmp, full_specials,
+                                                       counts if split == "train" else None)
+        kept = compact_vocab(counts, cfg.min_count, special_full) if cfg.vocab == "compact" else np.arange(V_full)
+        unk = int(np.flatnonzero(kept == special_full[1])[0])
+        table = lookup_table(kept, V_full, unk_compact=unk).astype(np.int32)
+        if cfg.vocab == "compact":
+            n_unk = {split: _remap(tmp / split, table, unk) for split in writers}
+        else:  # the full vocabulary maps ids to themselves: the shards are final
+            n_unk = {split: w.counted for split, w in writers.items()}
+        special = {n: int(table[i]) for n, i in zip(names, special_full, strict=True)}
         write_json(tmp / VOCAB.name, {
             "tokenizer": assets.TOKENIZER_NAME,
             "source": cfg.source,
             "ids": kept.tolist(),
             "tokens": [tok.id_to_token(int(i)) for i in kept],
             "special": special,
-            "documents": {"train": len(train_idx), "valid": len(valid_idx)},
-            "sequences": {k: len(v) for k, v in splits.items()},
-            "unk_rate_train": float((splits["train"] == special["unk"]).mean()),
+            "seq_len": cfg.seq_len,
+            "documents": docs,
+            "sequences": {k: w.rows for k, w in writers.items()},
+            "shards": {k: w.shards for k, w in writers.items()},
+            "unk_rate_train": n_unk["train"] / (writers["train"].rows * cfg.seq_len),
         })

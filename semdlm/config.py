@@ -26,7 +26,8 @@ def _check(ok: bool, msg: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "bbcnews"  # "bbcnews" (embedded), a text file/dir, or a datasets id / local dataset path
+    source: str = "bbcnews"  # "bbcnews" (embedded), lm1b / openwebtext / wikitext103, a text file/dir, a datasets id
+    path: str = ""  # lm1b / openwebtext / wikitext103: local copy (save_to_disk dir, parquet dir/file); "" = hub id
     text_field: str = "text"
     hf_split: str = "train"
     seq_len: int = 64
@@ -35,8 +36,12 @@ class DataConfig:
     vocab: str = "compact"  # "compact" (ids seen >= min_count in train + specials) or "full" (30,522)
     min_count: int = 10
     seed: int = 0
+    workers: int = 1  # tokenizer processes (named sources stream through them)
+    shard_sequences: int = 65536  # packed sequences per parquet shard of data/tokens/<split>/
 
     def __post_init__(self) -> None:
+        _check(self.workers >= 1, f"data.workers={self.workers} must be >= 1")
+        _check(self.shard_sequences >= 1, f"data.shard_sequences={self.shard_sequences} must be >= 1")
         _check(self.seq_len >= 8, f"data.seq_len={self.seq_len} is too short; use seq_len >= 8 (e.g. 64)")
         _check(0 < self.valid_fraction < 1, f"data.valid_fraction={self.valid_fraction} must be in (0, 1)")
         _check(self.vocab in ("compact", "full"), f"data.vocab={self.vocab!r}: use 'compact' or 'full'")
@@ -72,8 +77,10 @@ class ModelConfig:
     mlp_ratio: int = 4
     dropout: float = 0.0
     time_conditioning: bool = True
+    cond_dim: int = 0  # width of the time embedding feeding adaLN; 0 = d_model (MDLM/BD3-LM small: 128)
 
     def __post_init__(self) -> None:
+        _check(self.cond_dim >= 0, f"model.cond_dim={self.cond_dim} must be >= 0 (0 = d_model)")
         _check(self.d_model > 0 and self.n_layers > 0, "model.d_model and model.n_layers must be > 0")
         _check(
             self.n_heads > 0 and self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 2 == 0,
@@ -102,9 +109,23 @@ class TrainConfig:
     log_every: int = 10
     threads: int = 0  # torch intra-op threads, 0 = torch default
     seed: int = 0
+    devices: int = 1  # processes (GPUs); > 1: the dvc stage launches torchrun --nproc_per_node=devices
+    grad_accum: int = 1  # micro-batches per optimiser step on each device; batch_size is the global batch
+    device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
+    precision: str = "bf16"  # "bf16": autocast to bfloat16 on CUDA (CPU always float32); "fp32"
+    compile: bool = False  # torch.compile the denoiser
+    ema: float = 0.0  # EMA decay of the weights used for validation, sampling and model.pt; 0 = off
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
+        _check(self.devices >= 1 and self.grad_accum >= 1,
+               f"train.devices={self.devices}, train.grad_accum={self.grad_accum} must be >= 1")
+        _check(self.batch_size % (self.devices * self.grad_accum) == 0,
+               f"train.batch_size={self.batch_size} must be divisible by devices x grad_accum = "
+               f"{self.devices * self.grad_accum}; change one of them")
+        _check(self.device in ("auto", "cpu", "cuda"), f"train.device={self.device!r}: use auto, cpu or cuda")
+        _check(self.precision in ("bf16", "fp32"), f"train.precision={self.precision!r}: use bf16 or fp32")
+        _check(0 <= self.ema < 1, f"train.ema={self.ema} must be in [0, 1) (0 = off; MDLM uses 0.9999)")
         _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
         _check(self.lr > 0 and math.isfinite(self.lr), f"train.lr={self.lr} must be a positive number")
         _check(0 < self.t_eps < 1, f"train.t_eps={self.t_eps} must be in (0, 1)")

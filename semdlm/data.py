@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -16,14 +17,48 @@ def split_documents(n_docs: int, valid_fraction: float, seed: int) -> tuple[np.n
     return np.sort(order[n_valid:]), np.sort(order[:n_valid])
 
 
+class Packer:
+    """Streaming LM1B-"wrap" packing: [CLS] doc [SEP] [CLS] doc [SEP] ... cut into rows of ``seq_len``.
+
+    The tail that does not fill a row is carried into the next ``push``, so the rows do not depend on how the
+    documents were chunked; the tail left at the end is dropped.
+    """
+
+    def __init__(self, seq_len: int, cls_id: int, sep_id: int) -> None:
+        self.seq_len = seq_len
+        self._cls, self._sep = np.array([cls_id], dtype=np.int32), np.array([sep_id], dtype=np.int32)
+        self._tail = np.zeros(0, dtype=np.int32)
+
+    def push(self, docs: Sequence[np.ndarray]) -> np.ndarray:
+        """Rows ([n, seq_len] int32) completed by these documents."""
+        pieces = [self._tail, *(p for d in docs for p in (self._cls, np.asarray(d, dtype=np.int32), self._sep))]
+        stream = np.concatenate(pieces)
+        n = len(stream) // self.seq_len
+        self._tail = stream[n * self.seq_len :]
+        return stream[: n * self.seq_len].reshape(n, self.seq_len)
+
+
 def pack(docs: Sequence[np.ndarray], seq_len: int, cls_id: int, sep_id: int) -> np.ndarray:
-    """LM1B-"wrap" packing: [CLS] doc [SEP] [CLS] doc [SEP] ... cut into rows of ``seq_len`` (tail dropped)."""
-    if not docs:
-        return np.zeros((0, seq_len), dtype=np.int32)
-    cls, sep = np.array([cls_id], dtype=np.int32), np.array([sep_id], dtype=np.int32)
-    stream = np.concatenate([piece for d in docs for piece in (cls, np.asarray(d, dtype=np.int32), sep)])
-    n = len(stream) // seq_len
-    return stream[: n * seq_len].reshape(n, seq_len)
+    """All rows of ``docs`` packed in one go (see ``Packer``; the tail is dropped)."""
+    return Packer(seq_len, cls_id, sep_id).push(docs)
+
+
+_LM1B_RULES = (  # LM1B is distributed tokenised ("it 's here , he said ."): rejoin what the tokeniser split
+    (re.compile(r"(https?) : / / "), r"\1://"),
+    (re.compile(r" (n't|'s|'re|'ve|'ll|'m|'d)\b", re.IGNORECASE), r"\1"),
+    (re.compile(r" ([.,;:?!%])(?= |$)"), r"\1"),
+    (re.compile(r"([$£(\[]) "), r"\1"),
+    (re.compile(r" ([)\]])"), r"\1"),
+    (re.compile(r'" ([^"]*?) "'), r'"\1"'),
+    (re.compile(r" / "), "/"),
+)
+
+
+def lm1b_detokenize(text: str) -> str:
+    """Undo LM1B's whitespace tokenisation around punctuation, clitics, brackets, quotes and URLs."""
+    for pattern, repl in _LM1B_RULES:
+        text = pattern.sub(repl, text)
+    return text
 
 
 def compact_vocab(counts: np.ndarray, min_count: int, special_ids: Sequence[int]) -> np.ndarray:

@@ -44,9 +44,20 @@ def change_aware_loss(
     omega: torch.Tensor,
     lambda_chg: float,
     lambda_same: float,
+    norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eq. 120 with per-sequence time weight ``omega`` ([B]): sum_i w_i omega CE_i / sum_i w_i."""
-    changed = (xt != x0).to(ce.dtype)
-    w = lambda_chg * changed + lambda_same * (1.0 - changed)
-    return (w * omega.to(ce.dtype)[:, None] * ce).sum() / w.sum().clamp_min(1e-12)
+    """Eq. 120 with per-sequence time weight ``omega`` ([B]): sum_i w_i omega CE_i / sum_i w_i.
+
+    ``norm`` replaces sum_i w_i when ``ce`` covers a shard of a larger batch (devices, accumulation), so that the
+    shards' losses add up to the loss of the whole batch.
+    """
+    w = change_weights(x0, xt, lambda_chg, lambda_same, ce.dtype)
+    return (w * omega.to(ce.dtype)[:, None] * ce).sum() / (w.sum() if norm is None else norm).clamp_min(1e-12)
+
+
+def change_weights(x0: torch.Tensor, xt: torch.Tensor, lambda_chg: float, lambda_same: float,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """w_i of Eq. 120: lambda_chg where the kernel changed the token, lambda_same where it did not."""
+    changed = (xt != x0).to(dtype)
+    return lambda_chg * changed + lambda_same * (1.0 - changed)
 

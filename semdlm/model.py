@@ -46,7 +46,7 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(
             nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(approximate="tanh"), nn.Linear(cfg.mlp_ratio * d, d)
         )
-        self.ada = nn.Linear(d, 6 * d)  # shift1, scale1, gate1, shift2, scale2, gate2
+        self.ada = nn.Linear(cfg.cond_dim or d, 6 * d)  # shift1, scale1, gate1, shift2, scale2, gate2
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
         self.dropout = cfg.dropout
@@ -70,12 +70,12 @@ class Denoiser(nn.Module):
     def __init__(self, vocab_size: int, seq_len: int, cfg: ModelConfig, mask_id: int | None = None) -> None:
         super().__init__()
         self.cfg, self.vocab_size, self.seq_len, self.mask_id = cfg, vocab_size, seq_len, mask_id
-        d = cfg.d_model
+        d, c = cfg.d_model, cfg.cond_dim or cfg.d_model
         self.embed = nn.Embedding(vocab_size, d)
-        self.time = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.time = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, c))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(d, elementwise_affine=False)
-        self.ada_out = nn.Linear(d, 2 * d)
+        self.ada_out = nn.Linear(c, 2 * d)
         nn.init.zeros_(self.ada_out.weight)
         nn.init.zeros_(self.ada_out.bias)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
@@ -91,7 +91,7 @@ class Denoiser(nn.Module):
         L = xt.shape[1]
         x = self.embed(xt)
         tt = t if self.cfg.time_conditioning else torch.zeros_like(t)
-        c = F.silu(self.time(timestep_embedding(tt, self.cfg.d_model)))
+        c = F.silu(self.time(timestep_embedding(tt, self.cfg.cond_dim or self.cfg.d_model)))
         for block in self.blocks:
             x = block(x, c, self.cos[:L], self.sin[:L])
         shift, scale = self.ada_out(c)[:, None].chunk(2, dim=-1)

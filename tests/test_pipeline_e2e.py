@@ -18,7 +18,7 @@ def test_repro_makes_every_out_and_leaves_a_clean_status(project, fresh_repro):
     out = fresh_repro.output
     assert {"tokenize", "graph", "prior", "train@mask", "sample@mask", "evaluator", "evaluate@mask", "reference",
             "report", "track", "train@semdlm_plus", "sample@semdlm_plus", "evaluate@semdlm_plus"} <= ran(out)
-    for path in ("data/tokens/train.parquet", "data/tokens/vocab.json", "data/graph/neighbours.parquet",
+    for path in ("data/tokens/train/part-00000.parquet", "data/tokens/vocab.json", "data/graph/neighbours.parquet",
                  "data/prior/unigram.parquet", "models/mask/model.pt", "checkpoints/mask/state.pt",
                  "metrics/mask/train.json", "metrics/mask/train_log.tsv", "samples/mask/samples.parquet",
                  "metrics/mask/eval.json", "metrics/reference.json", "reports/report.md", "reports/results.csv",
