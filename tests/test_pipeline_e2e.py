@@ -62,12 +62,14 @@ def mlflow_runs(repo: Path):
 def test_repro_makes_every_out_and_leaves_a_clean_status(project):
     out = sh("dvc", "repro", cwd=project)
     assert {"tokenize", "graph", "prior", "train@mask", "sample@mask", "evaluator", "evaluate@mask", "reference",
-            "report", "track", "train@semdlm_plus", "sample@semdlm_plus", "evaluate@semdlm_plus"} <= ran(out)
+            "report", "track", "train@semdlm_plus", "sample@semdlm_plus", "evaluate@semdlm_plus",
+            "dispersion"} <= ran(out)
     for path in ("data/tokens/train.parquet", "data/tokens/vocab.json", "data/graph/neighbours.parquet",
                  "data/prior/unigram.parquet", "models/mask/model.pt", "checkpoints/mask/state.pt",
                  "metrics/mask/train.json", "metrics/mask/train_log.tsv", "samples/mask/samples.parquet",
                  "metrics/mask/eval.json", "metrics/reference.json", "reports/report.md", "reports/results.csv",
-                 "reports/figures/training.png", "reports/figures/genppl_entropy.png"):
+                 "reports/figures/training.png", "reports/figures/genppl_entropy.png",
+                 "reports/figures/genppl_steps.png", "reports/figures/dispersion.png", "metrics/dispersion.json"):
         assert (project / path).exists(), path
     status = sh("dvc", "status", cwd=project)
     assert [ln.strip() for ln in status.splitlines() if ln.strip()] == ["track:", "always changed"], status
@@ -75,7 +77,7 @@ def test_repro_makes_every_out_and_leaves_a_clean_status(project):
     assert len(parents) == 1 and len(children) == 2
     assert {c.data.tags["kernel"] for c in children} == {"mask", "semdlm_plus"}
     for child in children:
-        for key in ("val_nelbo", "gen_ppl", "entropy", "tokens_per_s", "nfe_per_batch"):
+        for key in ("val_nelbo", "gen_ppl", "entropy", "tokens_per_s", "nfe", "dispersion"):
             assert key in child.data.metrics
         assert child.data.params["sampler.steps"] == "4"
     report = (project / "reports/report.md").read_text()
