@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pipeline.common import StageError, atomic  # noqa: E402
-from pipeline.report import _save, markdown_table  # noqa: E402
+from pipeline.report import markdown_table, save_figure  # noqa: E402
 from pipeline.track import EXPERIMENT, tracking_uri  # noqa: E402
 
 STEP_METRICS = ("gen_ppl", "entropy", "below_min_entropy")
@@ -68,7 +68,7 @@ def plot_steps(df: pd.DataFrame, path: Path) -> None:
     ax.set_ylabel("gen PPL (log scale)")
     ax.set_title("gen PPL vs sampling steps, every tracked run")
     ax.legend(fontsize=6)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_entropy(df: pd.DataFrame, path: Path) -> None:
@@ -80,7 +80,7 @@ def plot_entropy(df: pd.DataFrame, path: Path) -> None:
     ax.set_ylabel("gen PPL (log scale)")
     ax.set_title("gen PPL vs entropy, every tracked run and step count")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def sweep(df: pd.DataFrame, kernel: str) -> pd.DataFrame | None:
@@ -105,7 +105,7 @@ def plot_heatmap(g: pd.DataFrame, metric: str, title: str, path: Path) -> None:
     ax.set_ylabel("λ_freq")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def run(out: Path, uri: str | None = None) -> pd.DataFrame:

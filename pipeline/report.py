@@ -110,10 +110,10 @@ def plot_training(params: Params, unigram_ce: float, path: Path) -> None:
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
@@ -131,7 +131,7 @@ def plot_ppl_entropy(df: pd.DataFrame, min_entropy: float, path: Path) -> None:
     ax.set_xlabel("mean per-sample unigram entropy (nats)")
     ax.set_ylabel("gen PPL (log scale)")
     ax.set_title("gen PPL vs entropy (dashed: eval.min_entropy)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_ppl_steps(df: pd.DataFrame, path: Path) -> None:
@@ -152,7 +152,7 @@ def plot_ppl_steps(df: pd.DataFrame, path: Path) -> None:
     ax.set_ylabel("gen PPL (log scale)")
     ax.set_title("gen PPL vs sampling steps (paper Fig. 7)")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_dispersion(disp: dict, path: Path) -> None:
@@ -170,7 +170,7 @@ def plot_dispersion(disp: dict, path: Path) -> None:
     b.set_xlabel("kernel dispersion D(Q) = Var_t h(t; Q)")
     b.set_ylabel("between-t gradient variance")
     b.set_title("dispersion vs gradient variance (paper Fig. 3)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def table3(params: Params, df: pd.DataFrame) -> str:

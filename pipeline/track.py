@@ -51,7 +51,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
         if isinstance(v, dict):
             out.update(flatten(v, key + "."))
         elif isinstance(v, tuple):
-            out[key] = list(v)  # sampler.steps: logged as "[16, 64]", the form `dvc exp run -S` takes
+            out[key] = list(v)  # sampler.steps: logged as "[16, 48]", the form `dvc exp run -S` takes
         else:
             out[key] = v
     return out

@@ -209,7 +209,7 @@ class DispersionConfig:
     per time two independent halves of ``sequences`` sequences (their difference estimates the gradient noise)."""
 
     times: int = 8
-    sequences: int = 8
+    sequences: int = 4
     seed: int = 0
 
     def __post_init__(self) -> None:
