@@ -63,6 +63,15 @@ def train(kernel: str = KernelOpt, params: str = ParamsOpt) -> None:
 
 @app.command()
 @stage
+def dispersion(params: str = ParamsOpt) -> None:
+    """Fig. 3 data: posterior-entropy trajectory, dispersion D(Q) and between-t gradient variance per kernel."""
+    from pipeline import dispersion as m
+
+    m.run(load_params(params))
+
+
+@app.command()
+@stage
 def sample(kernel: str = KernelOpt, params: str = ParamsOpt) -> None:
     """Draw samples from a trained kernel's model ([bold]sampler[/] section)."""
     from pipeline import sample as m
@@ -114,6 +123,20 @@ def track(params: str = ParamsOpt) -> None:
     from pipeline import track as m
 
     m.run(load_params(params))
+
+
+@app.command()
+@stage
+def compare(out: str = typer.Option("reports/compare", "--out", help="folder for compare.md, .csv and PNGs"),
+            tracking_uri: str = typer.Option(None, "--tracking-uri",
+                                             help="MLflow store (default: MLFLOW_TRACKING_URI, else mlflow.db)"),
+            ) -> None:
+    """Table + figures across every tracked run (kernel x λ_sem x steps x gen PPL x entropy), from MLflow."""
+    from pathlib import Path
+
+    from pipeline import compare as m
+
+    m.run(Path(out), tracking_uri)
 
 
 @app.command("use-profile")

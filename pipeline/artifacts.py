@@ -21,6 +21,7 @@ PRIOR = Path("data/prior/unigram.parquet")
 PRIOR_METRICS = Path("metrics/prior.json")
 EVALUATOR = Path("models/evaluator")
 REFERENCE = Path("metrics/reference.json")
+DISPERSION = Path("metrics/dispersion.json")
 
 
 def model_path(kernel: str) -> Path:

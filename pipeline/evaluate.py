@@ -7,7 +7,6 @@ drawn from the train unigram distribution (a ceiling), so every model can be pla
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -29,28 +28,32 @@ def score(e: ev.Evaluator, texts: list[str], ids: list[list[int]], cfg: EvalConf
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn()) as bar:
         task = bar.add_task(label, total=-(-len(chunks) // cfg.batch_size))
         res = gen_ppl(chunks, e.logits, cfg.batch_size, tok.pad_token_id or 0, lambda: bar.advance(task))
-    return {
-        "gen_ppl": res.ppl, "gen_nll": res.nll, "eval_tokens": res.tokens, "num_texts": len(texts),
-        **diversity(ids),
-        "evaluator": cfg.model, "eval_dtype": cfg.dtype, "protocol": PROTOCOL,
-    }
-
-
-def _finish(row: dict, cfg: EvalConfig) -> dict:
+    row = {"gen_ppl": res.ppl, "gen_nll": res.nll, "eval_tokens": res.tokens, "num_texts": len(texts), **diversity(ids)}
     row["below_min_entropy"] = bool(row["entropy"] < cfg.min_entropy)
-    row["min_entropy"] = cfg.min_entropy
     return row
 
 
+def provenance(cfg: EvalConfig) -> dict:
+    """What every gen PPL is measured with: written beside the numbers in every metrics file."""
+    return {"evaluator": cfg.model, "eval_dtype": cfg.dtype, "protocol": PROTOCOL, "min_entropy": cfg.min_entropy}
+
+
 def run(cfg: EvalConfig, kernel_name: str) -> None:
+    """One row per sampler.steps count of samples/<kernel>/samples.parquet, one evaluator load."""
     df = read_parquet(samples_path(kernel_name), f"sample@{kernel_name}")
     if len(df) == 0:
         raise StageError(f"{samples_path(kernel_name)} holds no samples; run `dvc repro sample@{kernel_name}`")
+    if "steps" not in df.columns:
+        raise StageError(f"{samples_path(kernel_name)} has no steps column (written by an older version); "
+                         f"run `dvc repro -f sample@{kernel_name}`")
     start = time.perf_counter()
     e = ev.load(cfg)
-    row = score(e, df["text"].tolist(), [list(r) for r in df["ids"]], cfg, f"evaluate@{kernel_name}")
-    row["wall_s"] = time.perf_counter() - start
-    write_json(metrics_dir(kernel_name) / "eval.json", _finish(row, cfg))
+    by_steps = {
+        str(steps): score(e, g["text"].tolist(), [list(r) for r in g["ids"]], cfg, f"evaluate@{kernel_name} {steps}")
+        for steps, g in df.groupby("steps", sort=True)
+    }
+    write_json(metrics_dir(kernel_name) / "eval.json",
+               {**provenance(cfg), "wall_s": time.perf_counter() - start, "by_steps": by_steps})
 
 
 def reference(cfg: EvalConfig, seed: int = 0) -> None:
@@ -65,6 +68,6 @@ def reference(cfg: EvalConfig, seed: int = 0) -> None:
     rows = {}
     for name, ids in (("heldout_text", valid), ("unigram_samples", unigram)):
         ids_list = ids.tolist()
-        rows[name] = _finish(score(e, decode(vocab, ids_list), ids_list, cfg, f"reference {name}"), cfg)
-    rows["config"] = asdict(cfg)
+        rows[name] = score(e, decode(vocab, ids_list), ids_list, cfg, f"reference {name}")
+    rows.update(provenance(cfg))
     write_json(REFERENCE, rows)

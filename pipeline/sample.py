@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pandas as pd
@@ -45,7 +46,25 @@ def penalty(cfg: SamplerConfig) -> Transform | None:
 
 
 def run(params: Params, kernel_name: str) -> None:
+    """One sample set per count in sampler.steps (same seed), all in one parquet with a ``steps`` column."""
+    vocab, frames, by_steps = load_vocab(), [], {}
+    for steps in params.sampler.step_counts:
+        ids, nfe_per_batch, wall = draw(params, kernel_name, dataclasses.replace(params.sampler, steps=steps))
+        frames.append(pd.DataFrame({"steps": steps, "sample": range(len(ids)), "ids": ids,
+                                    "text": decode(vocab, ids)}))
+        by_steps[str(steps)] = {"nfe_per_batch": nfe_per_batch, "wall_s": wall,
+                                "samples_per_s": params.sampler.num_samples / wall}
     cfg = params.sampler
+    write_parquet(samples_path(kernel_name), pd.concat(frames, ignore_index=True))
+    write_json(metrics_dir(kernel_name) / "sample.json", {
+        "sampler": cfg.name, "steps": list(cfg.step_counts), "num_samples": cfg.num_samples, "seed": cfg.seed,
+        "lambda_freq": cfg.lambda_freq, "lambda_sem": cfg.lambda_sem,
+        "wall_s": sum(r["wall_s"] for r in by_steps.values()), "by_steps": by_steps,
+    })
+
+
+def draw(params: Params, kernel_name: str, cfg: SamplerConfig) -> tuple[list[list[int]], float, float]:
+    """``cfg.num_samples`` sequences at ``cfg.steps`` (one count): (ids, network calls per batch, wall s)."""
     vocab = load_vocab()
     kernel = load_kernel(kernel_name, params, vocab)
     model = load_denoiser(kernel_name)
@@ -78,11 +97,4 @@ def run(params: Params, kernel_name: str) -> None:
             ids += res.ids.tolist()
             nfe += res.nfe
     wall = time.perf_counter() - start
-    write_parquet(samples_path(kernel_name), pd.DataFrame({"sample": range(len(ids)), "ids": ids,
-                                                           "text": decode(vocab, ids)}))
-    batches = -(-cfg.num_samples // cfg.batch_size)
-    write_json(metrics_dir(kernel_name) / "sample.json", {
-        "sampler": cfg.name, "steps": cfg.steps, "num_samples": cfg.num_samples, "seed": cfg.seed,
-        "nfe_per_batch": nfe / batches, "wall_s": wall, "samples_per_s": cfg.num_samples / wall,
-        "lambda_freq": cfg.lambda_freq, "lambda_sem": cfg.lambda_sem,
-    })
+    return ids, nfe / -(-cfg.num_samples // cfg.batch_size), wall

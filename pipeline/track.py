@@ -19,9 +19,9 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.artifacts import PRIOR_METRICS, REFERENCE, metrics_dir, samples_path
+from pipeline.artifacts import DISPERSION, PRIOR_METRICS, REFERENCE, metrics_dir, samples_path
 from pipeline.common import StageError, read_json
-from pipeline.report import REPORTS
+from pipeline.report import REPORTS, collect
 from semdlm.config import Params
 
 EXPERIMENT = "semdlm"
@@ -80,6 +80,8 @@ def flatten(d: dict, prefix: str = "") -> dict[str, object]:
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(flatten(v, key + "."))
+        elif isinstance(v, tuple):
+            out[key] = list(v)  # sampler.steps: logged as "[16, 48]", the form `dvc exp run -S` takes
         else:
             out[key] = v
     return out
@@ -89,21 +91,35 @@ def numbers(d: dict) -> dict[str, float]:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def kernel_payload(k: str) -> dict:
-    m = metrics_dir(k)
-    return {name: read_json(m / f"{name}.json", f"{name}@{k}") for name in ("train", "sample", "eval")}
+RUN_METRICS = ("val_nelbo", "val_ppl", "tokens_per_s", "train_s", "parameters", "train_tokens", "train_steps",
+               "evaluate_s")
+STEP_METRICS = ("gen_ppl", "entropy", "distinct_1", "distinct_2", "distinct_3", "repeated_4gram",
+                "below_min_entropy", "eval_tokens", "num_texts", "nfe", "sample_s")
+DISPERSION_METRICS = ("dispersion", "mean_posterior_entropy", "grad_var_between", "grad_noise")
+
+
+def kernel_metrics(rows: pd.DataFrame, disp: dict, now: int) -> list:
+    """A kernel's report rows as MLflow metrics named like the report's columns. Per-step-count metrics are
+    logged with step = sampling steps (the UI plots Fig. 7; the latest value is the largest step count)."""
+    from mlflow.entities import Metric
+
+    top = rows.loc[rows["steps"].idxmax()]
+    batch = [Metric(m, float(top[m]), now, 0) for m in RUN_METRICS]
+    batch += [Metric(m, float(disp[m]), now, 0) for m in DISPERSION_METRICS]
+    batch += [Metric("dispersion_s", float(disp["wall_s"]), now, 0)]
+    batch += [Metric(m, float(r[m]), now, int(r["steps"])) for _, r in rows.iterrows() for m in STEP_METRICS]
+    return batch
 
 
 def _log_child(client, exp_id: str, parent_id: str, run_name: str, tags: dict, params: dict, k: str,
-               payload: dict) -> None:
+               rows: pd.DataFrame, disp: dict) -> None:
     from mlflow.entities import Metric, Param
 
     run = client.create_run(exp_id, run_name=f"{run_name}/{k}", tags={
-        **tags, "mlflow.parentRunId": parent_id, "kernel": k, "sampler": payload["sample"]["sampler"],
-        "evaluator": payload["eval"]["evaluator"]})
+        **tags, "mlflow.parentRunId": parent_id, "kernel": k, "sampler": str(rows["sampler"].iloc[0]),
+        "evaluator": str(rows["evaluator"].iloc[0]), "eval_dtype": str(rows["eval_dtype"].iloc[0])})
     now = int(time.time() * 1000)
-    metrics = {**numbers(payload["train"]), **numbers(payload["sample"]), **numbers(payload["eval"])}
-    batch = [Metric(key, v, now, 0) for key, v in metrics.items()]
+    batch = kernel_metrics(rows, disp, now)
     for name, cols in (("train_log.tsv", ("loss", "lr", "tokens_per_s")), ("val_log.tsv", ("val_nelbo",))):
         log = pd.read_csv(metrics_dir(k) / name, sep="\t")
         batch += [Metric(f"curve.{c}", float(r[c]), now, int(r["step"])) for _, r in log.iterrows() for c in cols]
@@ -120,12 +136,14 @@ def run(params: Params) -> None:
 
     exp_name = os.environ.get("DVC_EXP_NAME") or "workspace"
     flat = flatten({k: v for k, v in asdict(params).items()})
-    payloads = {k: kernel_payload(k) for k in params.kernels}
+    results = collect(params)
+    disp = read_json(DISPERSION, "dispersion")
+    payloads = {"results": results.to_dict("records"), "dispersion": disp}
     reference = read_json(REFERENCE, "reference")
     prior = read_json(PRIOR_METRICS, "prior")
     rev = git_rev()
     key = hashlib.sha256(json.dumps([exp_name, rev, flat], sort_keys=True, default=str).encode()).hexdigest()[:16]
-    content = hashlib.sha256(json.dumps([payloads, reference], sort_keys=True).encode()).hexdigest()[:16]
+    content = hashlib.sha256(json.dumps([payloads, reference], sort_keys=True, default=str).encode()).hexdigest()[:16]
     mlflow.set_tracking_uri(tracking_uri())
     client = Retrying(MlflowClient())
     exp = client.get_experiment_by_name(EXPERIMENT)
@@ -156,7 +174,9 @@ def run(params: Params) -> None:
             raise StageError(f"missing {path}; run `dvc repro report` first")
         client.log_artifact(pid, str(path))
     client.log_artifacts(pid, str(REPORTS / "figures"), "figures")
-    for k, payload in payloads.items():
-        _log_child(client, exp_id, pid, run_name, tags, flat, k, payload)
+    client.log_artifact(pid, str(DISPERSION))
+    models = results[results["kind"] == "model"]
+    for k in params.kernels:
+        _log_child(client, exp_id, pid, run_name, tags, flat, k, models[models["row"] == k], disp[k])
     client.set_terminated(pid)
-    print(f"logged {run_name} with {len(payloads)} kernel run(s) to {tracking_uri()}")
+    print(f"logged {run_name} with {len(params.kernels)} kernel run(s) to {tracking_uri()}")

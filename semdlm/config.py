@@ -163,7 +163,7 @@ class KernelConfig:
 @dataclass(frozen=True)
 class SamplerConfig:
     name: str = "ancestral"  # "ancestral" (exact reverse coupling), "tau_leaping" (CTMC + PC), "blockwise"
-    steps: int = 64
+    steps: int | tuple[int, ...] = 64  # one count, or a list: one sample set per count (Table 3 columns, Fig. 7)
     cache: bool = True  # ancestral + mask: no network call at steps where nothing is revealed
     corrector_steps: int = 0  # tau_leaping, blockwise: corrector steps after each predictor step
     strides: int = 2  # blockwise: semi-autoregressive blocks (paper: 2)
@@ -183,13 +183,22 @@ class SamplerConfig:
             self.name in SAMPLER_NAMES,
             f"sampler.name={self.name!r} is unknown; choose one of {', '.join(SAMPLER_NAMES)}",
         )
-        _check(self.steps >= 1, f"sampler.steps={self.steps} must be >= 1")
+        if isinstance(self.steps, list):
+            object.__setattr__(self, "steps", tuple(self.steps))
+        counts = self.step_counts
+        _check(
+            len(counts) >= 1 and all(isinstance(s, int) and not isinstance(s, bool) for s in counts)
+            and len(set(counts)) == len(counts),
+            f"sampler.steps={list(counts)} must be an integer or a list of distinct integers, e.g. [16, 64]",
+        )
+        _check(min(counts) >= 1, f"sampler.steps={self.steps} must be >= 1")
         _check(self.strides >= 1, f"sampler.strides={self.strides} must be >= 1")
         _check(self.corrector_steps >= 0, f"sampler.corrector_steps={self.corrector_steps} must be >= 0")
         _check(self.corrector_steps == 0 or self.name != "ancestral",
                f"sampler.corrector_steps={self.corrector_steps} has no effect with sampler.name=ancestral; "
                "use tau_leaping or blockwise, or set it to 0")
-        _check(self.steps >= self.strides, f"sampler.steps={self.steps} must be >= sampler.strides={self.strides}")
+        _check(min(counts) >= self.strides,
+               f"sampler.steps={self.steps} must be >= sampler.strides={self.strides}")
         _check(0 < self.top_p <= 1, f"sampler.top_p={self.top_p} must be in (0, 1]")
         _check(self.top_k >= 0, f"sampler.top_k={self.top_k} must be >= 0 (0 = no top-k truncation)")
         _check(self.rho >= 0, f"sampler.rho={self.rho} must be >= 0 (Eq. 121)")
@@ -199,6 +208,11 @@ class SamplerConfig:
         _check(self.window >= 1, f"sampler.window={self.window} must be >= 1")
         _check(self.num_samples >= 1, f"sampler.num_samples={self.num_samples} must be >= 1")
         _check(self.batch_size >= 1, f"sampler.batch_size={self.batch_size} must be >= 1")
+
+    @property
+    def step_counts(self) -> tuple[int, ...]:
+        """The sampling-step counts, ascending: one sample set (and one evaluation) each."""
+        return tuple(sorted(self.steps)) if isinstance(self.steps, tuple) else (self.steps,)
 
 
 @dataclass(frozen=True)
@@ -216,6 +230,20 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class DispersionConfig:
+    """Fig. 3 / App. B.6 measurement on validation data: a midpoint grid of ``times`` diffusion times, and
+    per time two independent halves of ``sequences`` sequences (their difference estimates the gradient noise)."""
+
+    times: int = 8
+    sequences: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.times >= 2, f"dispersion.times={self.times} must be >= 2 (a variance over t needs two times)")
+        _check(self.sequences >= 1, f"dispersion.sequences={self.sequences} must be >= 1")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig = field(default_factory=DataConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
@@ -225,6 +253,7 @@ class Params:
     kernels: dict[str, KernelConfig] = field(default_factory=lambda: {"mask": KernelConfig()})
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dispersion: DispersionConfig = field(default_factory=DispersionConfig)
 
 
 T = TypeVar("T")
@@ -241,6 +270,8 @@ def section(cls: type[T], raw: dict[str, Any] | None, where: str) -> T:
             raise ConfigError(f"unknown key {where}.{key} in params.yaml; {hint}")
     for key, value in raw.items():
         default = getattr(cls(), key) if key in fields else None
+        if isinstance(value, list) and "tuple" in str(fields[key].type):
+            continue  # a list-valued key (sampler.steps): its element checks are the dataclass's
         if isinstance(default, bool) and not isinstance(value, bool):
             raise ConfigError(f"{where}.{key}={value!r} must be true or false")
         if isinstance(default, int) and not isinstance(default, bool) and not isinstance(value, int):
@@ -283,4 +314,5 @@ def parse_params(raw: dict[str, Any]) -> Params:
         kernels=kernels,
         sampler=section(SamplerConfig, raw.get("sampler"), "sampler"),
         eval=section(EvalConfig, raw.get("eval"), "eval"),
+        dispersion=section(DispersionConfig, raw.get("dispersion"), "dispersion"),
     )

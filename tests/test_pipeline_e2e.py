@@ -17,12 +17,14 @@ def project(fresh_repro):
 def test_repro_makes_every_out_and_leaves_a_clean_status(project, fresh_repro):
     out = fresh_repro.output
     assert {"tokenize", "graph", "prior", "train@mask", "sample@mask", "evaluator", "evaluate@mask", "reference",
-            "report", "track", "train@semdlm_plus", "sample@semdlm_plus", "evaluate@semdlm_plus"} <= ran(out)
+            "report", "track", "train@semdlm_plus", "sample@semdlm_plus", "evaluate@semdlm_plus",
+            "dispersion"} <= ran(out)
     for path in ("data/tokens/train/part-00000.parquet", "data/tokens/vocab.json", "data/graph/neighbours.parquet",
                  "data/prior/unigram.parquet", "models/mask/model.pt", "checkpoints/mask/state.pt",
                  "metrics/mask/train.json", "metrics/mask/train_log.tsv", "samples/mask/samples.parquet",
                  "metrics/mask/eval.json", "metrics/reference.json", "reports/report.md", "reports/results.csv",
-                 "reports/figures/training.png", "reports/figures/genppl_entropy.png"):
+                 "reports/figures/training.png", "reports/figures/genppl_entropy.png",
+                 "reports/figures/genppl_steps.png", "reports/figures/dispersion.png", "metrics/dispersion.json"):
         assert (project / path).exists(), path
     status = sh("dvc", "status", cwd=project)
     assert [ln.strip() for ln in status.splitlines() if ln.strip()] == ["track:", "always changed"], status
@@ -30,7 +32,7 @@ def test_repro_makes_every_out_and_leaves_a_clean_status(project, fresh_repro):
     assert len(parents) == 1 and len(children) == 2
     assert {c.data.tags["kernel"] for c in children} == {"mask", "semdlm_plus"}
     for child in children:
-        for key in ("val_nelbo", "gen_ppl", "entropy", "tokens_per_s", "nfe_per_batch"):
+        for key in ("val_nelbo", "gen_ppl", "entropy", "tokens_per_s", "nfe", "dispersion"):
             assert key in child.data.metrics
         assert child.data.params["sampler.steps"] == "4"
     report = (project / "reports/report.md").read_text()
@@ -41,8 +43,6 @@ def test_track_again_does_not_duplicate_runs(project):
     sh("dvc", "repro", "track", cwd=project)
     parents, children = mlflow_runs(project)
     assert len(parents) == 1 and len(children) == 2
-
-
 
 
 @pytest.mark.parametrize("setting", ["sampler.steps=3", "sampler.lambda_sem=0.5"])
