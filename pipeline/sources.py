@@ -9,6 +9,7 @@ with ``data.valid_fraction`` and ``data.seed``.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,8 @@ def _named_split(datasets: Any, cfg: DataConfig, spec: Named, split: str) -> Any
         try:
             return datasets.load_dataset(spec.hub, spec.config, split=split)
         except RuntimeError:  # a hub repo with a loading script (datasets >= 4 runs none): its parquet export
+            print(f"{spec.hub}: loading script not supported by this datasets version; reading the hub's parquet "
+                  "export (refs/convert/parquet) of the same data", file=sys.stderr)
             return datasets.load_dataset(spec.hub, spec.config, split=split, revision="refs/convert/parquet")
     path = Path(cfg.path)
     if not path.exists():

@@ -135,7 +135,7 @@ def test_tau_leaping_and_blockwise_with_correctors_sample_a_semantic_kernel(work
     res = invoke("sample", "--kernel", "semdlm_plus")
     assert res.exit_code == 0, res.output
     metrics = json.loads(Path("metrics/semdlm_plus/sample.json").read_text())
-    assert metrics["sampler"] == sampler and metrics["nfe_per_batch"] == nfe
+    assert metrics["sampler"] == sampler and metrics["by_steps"]["4"]["nfe_per_batch"] == nfe
     assert len(pd.read_parquet("samples/semdlm_plus/samples.parquet")) == p["sampler"]["num_samples"]
 
 
