@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -41,7 +42,7 @@ from pipeline.artifacts import (
 from pipeline.common import StageError, atomic, load_params, read_json, write_json
 from semdlm.config import KernelConfig, Params, TrainConfig
 from semdlm.kernels import Kernel
-from semdlm.likelihood import bound_name, validation_nelbo
+from semdlm.likelihood import bound_name, token_prior_kl, validation_nelbo
 from semdlm.loss import change_aware_loss, change_weights, stratified_times, time_weight, token_ce
 from semdlm.model import Denoiser
 
@@ -261,6 +262,10 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
 
     eval_bs = min(micro, max(1, EVAL_LOGITS // (seq_len * vocab.size)))  # float64 bound arithmetic is on the CPU
 
+    @functools.cache
+    def prior() -> torch.Tensor | None:  # once per run, at the first evaluation (rank 0 only evaluates)
+        return token_prior_kl(kernel, unigram)
+
     def evaluate(batches: int, repeats: int = 1) -> float:
         """Bound over the first ``batches`` x batch_size validation sequences, with the EMA weights."""
         def denoise(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -270,7 +275,7 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
         ema.model.eval()
         with torch.no_grad():
             v = validation_nelbo(denoise, kernel, valid, eval_bs, -(-batches * cfg.batch_size // eval_bs), cfg.seed,
-                                 cfg.bound_steps, unigram, repeats)
+                                 cfg.bound_steps, prior(), repeats)
         ema.model.train()
         return v
 

@@ -175,12 +175,17 @@ def sequence_nelbo(denoise: Denoise, kernel: Kernel, x0: torch.Tensor, t: torch.
     return coupling_bound(denoise, kernel, x0, grid_steps, prior, generator)
 
 
+def token_prior_kl(kernel: Kernel, x0_prior: torch.Tensor) -> torch.Tensor | None:
+    """What ``validation_nelbo`` needs besides the data: ``prior_kl`` per token for the coupling bound (a chunked
+    O(V^2)-time pass; compute it once per run), None for the Markov kernels."""
+    return None if is_markov(kernel) else prior_kl(kernel, x0_prior)
+
+
 def validation_nelbo(denoise: Denoise, kernel: Kernel, data: torch.Tensor, batch_size: int, batches: int,
-                     seed: int, grid_steps: int = 64, x0_prior: torch.Tensor | None = None, repeats: int = 1) -> float:
+                     seed: int, grid_steps: int = 64, prior: torch.Tensor | None = None, repeats: int = 1) -> float:
     """Mean bound (nats/token) over the first ``batches * batch_size`` sequences, each scored ``repeats`` times
-    at independent stratified t, with a fixed seed."""
+    at independent stratified t, with a fixed seed; ``prior`` from ``token_prior_kl``."""
     gen = torch.Generator().manual_seed(seed + 1)
-    prior = None if is_markov(kernel) else prior_kl(kernel, x0_prior)
     total, n = 0.0, 0
     for _ in range(repeats):
         for start in range(0, min(len(data), batches * batch_size), batch_size):

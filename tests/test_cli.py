@@ -15,8 +15,8 @@ from pipeline.__main__ import app
 from tests.tiny import write_params
 
 runner = CliRunner()
-COMMANDS = ["tokenize", "graph", "prior", "train", "sample", "evaluator", "evaluate", "reference", "report", "track",
-            "use-profile"]
+COMMANDS = ["tokenize", "graph", "prior", "train", "sample", "evaluator", "evaluate", "reference", "dispersion",
+            "report", "track", "compare", "use-profile"]
 
 
 @contextlib.contextmanager
