@@ -20,18 +20,15 @@ def draws(kernel, x0: int, t: float, gen: torch.Generator) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", KERNELS)
 @pytest.mark.parametrize(("s", "t"), LEVELS)
-def test_reverse_step_takes_q_t_to_q_s(name, s, t):
+@pytest.mark.parametrize("direction", ["reverse: q_t -> q_s", "forward: q_s -> q_t"])
+def test_coupling_moves_take_one_marginal_to_the_other(name, s, t, direction):
     kernel, gen = kernels()[name], torch.Generator().manual_seed(0)
-    xs = reverse_step(kernel, draws(kernel, 2, t, gen), torch.full((N,), 2), t, s, gen)
-    assert_frequencies_match(xs, kernel.probs(torch.tensor([2]), s)[0])
-
-
-@pytest.mark.parametrize("name", KERNELS)
-@pytest.mark.parametrize(("s", "t"), LEVELS)
-def test_forward_step_takes_q_s_to_q_t(name, s, t):
-    kernel, gen = kernels()[name], torch.Generator().manual_seed(1)
-    xt = forward_step(kernel, draws(kernel, 4, s, gen), torch.full((N,), 4), s, t, gen)
-    assert_frequencies_match(xt, kernel.probs(torch.tensor([4]), t)[0])
+    x0 = torch.full((N,), 2)
+    if direction.startswith("reverse"):
+        moved, level = reverse_step(kernel, draws(kernel, 2, t, gen), x0, t, s, gen), s
+    else:
+        moved, level = forward_step(kernel, draws(kernel, 2, s, gen), x0, s, t, gen), t
+    assert_frequencies_match(moved, kernel.probs(torch.tensor([2]), level)[0])
 
 
 @pytest.mark.parametrize("name", KERNELS)
