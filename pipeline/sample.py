@@ -22,6 +22,8 @@ from pipeline.artifacts import (
 )
 from pipeline.common import StageError, write_json, write_parquet
 from semdlm.config import Params, SamplerConfig
+from semdlm.kernels import Kernel
+from semdlm.model import Denoiser
 from semdlm.penalties import penalise, window_tokens
 from semdlm.samplers import Transform, ancestral, blockwise, tau_leaping
 
@@ -47,24 +49,7 @@ def penalty(cfg: SamplerConfig) -> Transform | None:
 
 def run(params: Params, kernel_name: str) -> None:
     """One sample set per count in sampler.steps (same seed), all in one parquet with a ``steps`` column."""
-    vocab, frames, by_steps = load_vocab(), [], {}
-    for steps in params.sampler.step_counts:
-        ids, nfe_per_batch, wall = draw(params, kernel_name, dataclasses.replace(params.sampler, steps=steps))
-        frames.append(pd.DataFrame({"steps": steps, "sample": range(len(ids)), "ids": ids,
-                                    "text": decode(vocab, ids)}))
-        by_steps[str(steps)] = {"nfe_per_batch": nfe_per_batch, "wall_s": wall,
-                                "samples_per_s": params.sampler.num_samples / wall}
     cfg = params.sampler
-    write_parquet(samples_path(kernel_name), pd.concat(frames, ignore_index=True))
-    write_json(metrics_dir(kernel_name) / "sample.json", {
-        "sampler": cfg.name, "steps": list(cfg.step_counts), "num_samples": cfg.num_samples, "seed": cfg.seed,
-        "lambda_freq": cfg.lambda_freq, "lambda_sem": cfg.lambda_sem,
-        "wall_s": sum(r["wall_s"] for r in by_steps.values()), "by_steps": by_steps,
-    })
-
-
-def draw(params: Params, kernel_name: str, cfg: SamplerConfig) -> tuple[list[list[int]], float, float]:
-    """``cfg.num_samples`` sequences at ``cfg.steps`` (one count): (ids, network calls per batch, wall s)."""
     vocab = load_vocab()
     kernel = load_kernel(kernel_name, params, vocab)
     model = load_denoiser(kernel_name)
@@ -73,12 +58,29 @@ def draw(params: Params, kernel_name: str, cfg: SamplerConfig) -> tuple[list[lis
             f"sampler.strides={cfg.strides} does not divide the sequence length {model.seq_len}; "
             "choose a divisor (the paper uses 2)"
         )
-    x0_dist = load_unigram(vocab)
-    transform = penalty(cfg)
+    x0_dist, transform = load_unigram(vocab), penalty(cfg)
+    frames, by_steps = [], {}
+    for steps in cfg.step_counts:
+        ids, nfe_per_batch, wall = draw(model, kernel, dataclasses.replace(cfg, steps=steps), x0_dist, transform)
+        frames.append(pd.DataFrame({"steps": steps, "sample": range(len(ids)), "ids": ids,
+                                    "text": decode(vocab, ids)}))
+        by_steps[str(steps)] = {"nfe_per_batch": nfe_per_batch, "wall_s": wall, "samples_per_s": cfg.num_samples / wall}
+    write_parquet(samples_path(kernel_name), pd.concat(frames, ignore_index=True))
+    write_json(metrics_dir(kernel_name) / "sample.json", {
+        "sampler": cfg.name, "steps": list(cfg.step_counts), "num_samples": cfg.num_samples, "seed": cfg.seed,
+        "lambda_freq": cfg.lambda_freq, "lambda_sem": cfg.lambda_sem,
+        "wall_s": sum(r["wall_s"] for r in by_steps.values()), "by_steps": by_steps,
+    })
+
+
+def draw(model: Denoiser, kernel: Kernel, cfg: SamplerConfig, x0_dist: torch.Tensor,
+         transform: Transform | None) -> tuple[list[list[int]], float, float]:
+    """``cfg.num_samples`` sequences at ``cfg.steps`` (one count): (ids, network calls per batch, wall s)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     ids, nfe = [], 0
     start = time.perf_counter()
-    columns = (TextColumn(f"sample@{kernel_name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn(f"sample@{kernel.name} {cfg.steps} steps"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
     with Progress(*columns) as bar, torch.no_grad():
         calls = cfg.strides * (cfg.steps // cfg.strides) if cfg.name == "blockwise" else cfg.steps  # bar: steps
         task = bar.add_task("sample", total=cfg.num_samples * calls)
