@@ -12,7 +12,15 @@ import time
 
 import torch
 
-from pipeline.artifacts import DISPERSION, load_denoiser, load_kernel, load_split, load_unigram, load_vocab
+from pipeline.artifacts import (
+    DISPERSION,
+    Vocab,
+    load_denoiser,
+    load_kernel,
+    load_split,
+    load_unigram,
+    load_vocab,
+)
 from pipeline.common import StageError, write_json
 from semdlm.config import Params
 from semdlm.dispersion import between_t_variance, dispersion, mean_posterior_entropy, midpoint_times
@@ -28,12 +36,11 @@ def gradient(model: torch.nn.Module, kernel: Kernel, x0: torch.Tensor, xt: torch
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
-def measure(params: Params, kernel_name: str, valid: torch.Tensor) -> dict:
+def measure(params: Params, kernel_name: str, vocab: Vocab, m: torch.Tensor, valid: torch.Tensor) -> dict:
+    """Fig. 3 numbers of one kernel; ``m`` is the train unigram (the per-token data law of the posterior)."""
     cfg = params.dispersion
-    vocab = load_vocab()
     kernel = load_kernel(kernel_name, params, vocab)
     model = load_denoiser(kernel_name)
-    m = load_unigram(vocab)
     n = cfg.sequences
     x0 = valid[: 2 * n]
     times = midpoint_times(cfg.times, params.train.t_eps)
@@ -59,4 +66,6 @@ def run(params: Params) -> None:
             f"dispersion.sequences={params.dispersion.sequences} needs {2 * params.dispersion.sequences} validation "
             f"sequences but the valid split has {len(valid)}; lower dispersion.sequences"
         )
-    write_json(DISPERSION, {k: measure(params, k, valid) for k in params.kernels})
+    vocab = load_vocab()
+    m = load_unigram(vocab)
+    write_json(DISPERSION, {k: measure(params, k, vocab, m, valid) for k in params.kernels})
