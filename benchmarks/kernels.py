@@ -47,7 +47,7 @@ def main() -> None:
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 batch = corrupt_batch(x0, kernel, p.train, p.kernels[name], gen)
-                loss = train_step(model, kernel, batch, slice(None), p.kernels[name], x0.device)
+                loss = train_step(model, kernel, batch, slice(None), p.kernels[name], x0.device, False)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

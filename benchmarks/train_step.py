@@ -96,7 +96,7 @@ def time_steps(p: Params, kernels: dict[str, tuple[Kernel, KernelConfig]], V: in
         t0 = time.perf_counter()
         batch = corrupt_batch(x0, kernel, p.train, kcfg, gen)
         with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            loss = train_step(net, kernel, batch, slice(None), kcfg, device)
+            loss = train_step(net, kernel, batch, slice(None), kcfg, device, False)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -159,7 +159,8 @@ def load_denoiser(kernel: str) -> Denoiser:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         meta = blob["meta"]
-        model = Denoiser(meta["vocab_size"], meta["seq_len"], ModelConfig(**meta["model"]), meta["mask_id"])
+        model = Denoiser(meta["vocab_size"], meta["seq_len"], ModelConfig(**meta["model"]), meta["mask_id"],
+                         meta.get("num_states", 0))
         model.load_state_dict(blob["state_dict"])
     except Exception as e:  # noqa: BLE001
         raise StageError(

@@ -26,13 +26,14 @@ from semdlm.config import Params
 from semdlm.dispersion import between_t_variance, dispersion, mean_posterior_entropy, midpoint_times
 from semdlm.kernels import Kernel
 from semdlm.loss import token_ce
+from semdlm.model import carry_over_mask
 
 
 def gradient(model: torch.nn.Module, kernel: Kernel, x0: torch.Tensor, xt: torch.Tensor, t: float) -> torch.Tensor:
     """Flattened d L_t / d theta on one batch (the unweighted denoising CE of the paper's Sec. 3.2.3)."""
     model.zero_grad(set_to_none=True)
     logits = model(xt, torch.full((x0.shape[0],), t, dtype=torch.float32))
-    token_ce(logits, x0, xt, kernel).mean().backward()
+    token_ce(logits, x0, carry_over_mask(xt, None, kernel.mask_id)).mean().backward()
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 

@@ -44,7 +44,7 @@ from semdlm.config import KernelConfig, Params, TrainConfig
 from semdlm.kernels import Kernel
 from semdlm.likelihood import bound_name, token_prior_kl, validation_nelbo
 from semdlm.loss import change_aware_loss, change_weights, stratified_times, time_weight, token_ce
-from semdlm.model import Denoiser
+from semdlm.model import Denoiser, carry_over_mask
 
 EVAL_LOGITS = 2**27  # logits per validation batch (1 GiB of float64): bounds the batch at large L x V
 RUNTIME_FIELDS = ("devices", "grad_accum", "device", "precision", "compile", "threads")  # not in the fingerprint
@@ -75,10 +75,12 @@ def make_optimizer(model: Denoiser, cfg: TrainConfig) -> torch.optim.AdamW:
 
 @dataclass
 class Batch:
-    """One global batch, identical on every rank: x_0, x_t, t, omega(t) and the Eq. 120 normaliser sum_i w_i."""
+    """One global batch, identical on every rank: x_0, x_t, its latent state, t, omega(t) and the Eq. 120
+    normaliser sum_i w_i."""
 
     x0: torch.Tensor
     xt: torch.Tensor
+    state: torch.Tensor
     t: torch.Tensor
     omega: torch.Tensor
     norm: torch.Tensor
@@ -99,16 +101,18 @@ def corrupt_batch(x0: torch.Tensor, kernel: Kernel, cfg: TrainConfig, kcfg: Kern
         t = stratified_times(B, cfg.t_eps, gen)
     else:
         t = cfg.t_eps + (1 - cfg.t_eps) * torch.rand(B, dtype=torch.float64, generator=gen)
-    xt = kernel.sample_xt(x0, t, gen)
+    xt, state = kernel.corrupt(x0, t, gen)
     omega = time_weight(kernel, t) if kcfg.time_weight == "elbo" else torch.ones_like(t)
-    return Batch(x0, xt, t, omega, change_weights(x0, xt, kcfg.lambda_chg, kcfg.lambda_same).sum())
+    return Batch(x0, xt, state, t, omega, change_weights(x0, xt, kcfg.lambda_chg, kcfg.lambda_same).sum())
 
 
 def train_step(model: Callable[..., torch.Tensor], kernel: Kernel, batch: Batch, rows: slice, kcfg: KernelConfig,
-               device: torch.device) -> torch.Tensor:
-    """Eq. 120 loss of ``rows`` of the batch, normalised by the whole batch: the shards' losses add up to it."""
-    x0, xt = batch.x0[rows].to(device), batch.xt[rows].to(device)
-    ce = token_ce(model(xt, batch.t[rows].float().to(device)), x0, xt, kernel)
+               device: torch.device, latent: bool) -> torch.Tensor:
+    """Eq. 120 loss of ``rows`` of the batch, normalised by the whole batch: the shards' losses add up to it.
+    ``latent``: the model sees the latent state (and carries clean positions over)."""
+    x0, xt, state = batch.x0[rows].to(device), batch.xt[rows].to(device), batch.state[rows].to(device)
+    state = state if latent else None
+    ce = token_ce(model(xt, batch.t[rows].float().to(device), state), x0, carry_over_mask(xt, state, kernel.mask_id))
     return change_aware_loss(ce, x0, xt, batch.omega[rows].to(device), kcfg.lambda_chg, kcfg.lambda_same,
                              batch.norm.to(device))
 
@@ -220,7 +224,8 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
     micro = cfg.batch_size // (dist.world * cfg.grad_accum)
 
     torch.manual_seed(cfg.seed)
-    model = Denoiser(vocab.size, seq_len, params.model, kernel.mask_id)
+    model = Denoiser(vocab.size, seq_len, params.model, kernel.mask_id,
+                     kernel.num_states if params.model.latent_state else 0)
     unigram = load_unigram(vocab)
     with torch.no_grad():  # start at the unigram predictor: every step is spent on learning from context
         model.bias.copy_(unigram.clamp_min(1e-12).log().float())
@@ -305,7 +310,8 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
                 start = (dist.rank * cfg.grad_accum + j) * micro
                 defer = ddp is not None and j < cfg.grad_accum - 1  # all-reduce once, after the last micro-batch
                 with (ddp.no_sync() if defer else contextlib.nullcontext()), autocast():
-                    loss = train_step(net, kernel, batch, slice(start, start + micro), kcfg, dist.device)
+                    loss = train_step(net, kernel, batch, slice(start, start + micro), kcfg, dist.device,
+                                      params.model.latent_state)
                 loss_sum += loss.detach()
                 (loss * dist.world if dist.world > 1 else loss).backward()  # DDP averages over ranks
             if dist.world > 1:
@@ -359,8 +365,8 @@ def _finish(params: Params, kernel_name: str, vocab: Vocab, kernel: Kernel, mode
     val_log.append({"step": step, "val_nelbo": val_nelbo})
     with atomic(model_path(kernel_name)) as tmp:
         meta = {"vocab_size": vocab.size, "seq_len": seq_len, "model": asdict(params.model),
-                "mask_id": kernel.mask_id, "kernel": kernel_name, "steps": step, "fingerprint": fp,
-                "ema": cfg.ema}
+                "mask_id": kernel.mask_id, "num_states": model.num_states, "kernel": kernel_name, "steps": step,
+                "fingerprint": fp, "ema": cfg.ema}
         torch.save({"meta": meta, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, tmp)
     out = metrics_dir(kernel_name)
     out.mkdir(parents=True, exist_ok=True)

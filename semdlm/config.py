@@ -78,6 +78,7 @@ class ModelConfig:
     dropout: float = 0.0
     time_conditioning: bool = True
     cond_dim: int = 0  # width of the time embedding feeding adaLN; 0 = d_model (MDLM/BD3-LM small: 128)
+    latent_state: bool = False  # the denoiser sees each token's latent state (docs/likelihood.md); False = paper's
 
     def __post_init__(self) -> None:
         _check(self.cond_dim >= 0, f"model.cond_dim={self.cond_dim} must be >= 0 (0 = d_model)")

@@ -11,6 +11,10 @@ Every kernel is the same three-way mixture (Eq. 117), per token:
 
 Neighbour tables are ``[V, k_max]`` (self excluded, sorted by similarity) and corruption is a gather: no
 ``V x V`` tensor is ever built.
+
+Each corrupted token also carries its latent state: which branch of the mixture it took (``CLEAN``, ``GLOBAL`` for
+the nu branch, ``NEIGHBOUR + r`` for the r-th neighbour of x_0). The latent-state model (docs/likelihood.md) lets
+the denoiser see it; the paper's literal model sees x_t only.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 
 from semdlm.config import KernelConfig
 from semdlm.schedules import Schedule
+
+CLEAN, GLOBAL, NEIGHBOUR = 0, 1, 2  # latent state tags: clean, nu branch, neighbour slot r is NEIGHBOUR + r
 
 
 @dataclass
@@ -61,6 +67,11 @@ class Kernel:
         return self.mask_id is not None
 
     @property
+    def num_states(self) -> int:
+        """Number of latent state tags: clean, global jump and one per neighbour slot."""
+        return NEIGHBOUR + (self.schedule.k_max if self.uses_neighbours else 0)
+
+    @property
     def uses_neighbours(self) -> bool:
         """True when the neighbour branch carries mass somewhere on (0, 1] (fixed at construction)."""
         return self._uses_neighbours
@@ -82,19 +93,19 @@ class Kernel:
     def corrupt(
         self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_t, z) with z = True where the token took the corruption branch (prob. 1 - alpha_t).
-
-        A corrupted token can still equal x_0 (nu may put mass on it); z is what the likelihood bound needs.
-        """
+        """(x_t, state): the latent state tag per token (``CLEAN`` with probability alpha_t, ``GLOBAL``, or
+        ``NEIGHBOUR + r`` for the r-th neighbour). A corrupted token can still equal x_0 (nu may put mass on it)."""
         a, b, _, k = (c.view(-1, *([1] * (x0.dim() - 1))) for c in self.coefficients(t))
         u = torch.rand(x0.shape, dtype=torch.float64, generator=generator)
         xt = torch.where(u < a + b, self.sample_nu(tuple(x0.shape), generator), x0)
         xt = torch.where(u < a, x0, xt)
+        state = torch.where(u < a, CLEAN, GLOBAL)
         if self.uses_neighbours:
             v = torch.rand(x0.shape, dtype=torch.float64, generator=generator)
             rank = torch.floor(v * k).long().clamp_max(k.expand_as(x0) - 1)  # uniform over the top-k_t
             xt = torch.where(u >= a + b, self.neighbours[x0, rank], xt)
-        return xt, u >= a
+            state = torch.where(u >= a + b, NEIGHBOUR + rank, state)
+        return xt, state
 
     def probs(self, x0: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """Closed-form rows q(x_t = . | x_0) as a dense [N, V] float64 tensor (for N positions, never V x V)."""

@@ -16,7 +16,7 @@ import torch
 
 from semdlm.coupling import Coef, coef, select
 from semdlm.ctmc import is_markov, model_ratio, rate
-from semdlm.kernels import Kernel
+from semdlm.kernels import CLEAN, Kernel
 from semdlm.loss import stratified_times
 from semdlm.samplers import Denoise
 
@@ -147,7 +147,8 @@ def coupling_bound(denoise: Denoise, kernel: Kernel, x0: torch.Tensor, grid_step
     k = (u * T).long().clamp(0, T - 1) + 1  # grid index in 1..T, stratified over the batch
     t = k.double() / T
     s = (k - 1).double() / T
-    xt, z = kernel.corrupt(x0, t, generator)
+    xt, state = kernel.corrupt(x0, t, generator)
+    z = state != CLEAN
     logp = torch.log_softmax(denoise(xt, t.float()).double(), dim=-1)  # [B, L, V]
     ct, cs = coef(kernel, t), coef(kernel, s)
     pi = (cs.alpha - ct.alpha) / (1 - ct.alpha).clamp_min(1e-300)  # [B]

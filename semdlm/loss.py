@@ -5,7 +5,8 @@ Per position i the loss term is omega(t) * CE_i with CE_i = -log p_theta(x_0^i |
     L_train = sum_i w_i omega(t) CE_i / sum_i w_i,   w_i = lambda_chg 1[x_t^i != x_0^i] + lambda_same 1[x_t^i = x_0^i]
 
 (Eq. 120). ``omega(t) = -alpha'_t / (1 - alpha_t)`` with ``time_weight="elbo"``, else 1 (Eq. 3). For the masking
-kernel p_theta copies unmasked tokens (carry-over), so their CE is 0; with lambda_chg = lambda_same = 1 and the
+kernel p_theta copies unmasked tokens (carry-over, ``semdlm.model``), and so does the latent-state model at clean
+positions, so their CE is 0; with lambda_chg = lambda_same = 1 and the
 ELBO weight, L_train is exactly the MDLM continuous-time NELBO per token.
 """
 
@@ -29,12 +30,12 @@ def time_weight(kernel: Kernel, t: torch.Tensor) -> torch.Tensor:
     return -s.dalpha(t) / (1.0 - s.alpha(t)).clamp_min(1e-12)
 
 
-def token_ce(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, kernel: Kernel) -> torch.Tensor:
-    """-log p_theta(x_0^i | x_t) per position ([B, L]); 0 where an absorbing kernel left the token unmasked."""
-    ce = F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
-    if kernel.is_absorbing:
-        ce = torch.where(xt == kernel.mask_id, ce, torch.zeros_like(ce))
-    return ce
+def token_ce(logits: torch.Tensor, x0: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
+    """-log p_theta(x_0^i | x_t) per position ([B, L]); 0 at the ``known`` (carried-over) positions.
+
+    Flat [B * L, V] layout: the [B, V, L] one runs a spatial softmax kernel several times slower."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x0.reshape(-1), reduction="none").view_as(x0)
+    return ce if known is None else ce.masked_fill(known, 0.0)
 
 
 def change_aware_loss(

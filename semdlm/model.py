@@ -2,6 +2,10 @@
 
 Rotary position embeddings, adaLN time conditioning (shift / scale / gate per block, zero-initialised so
 every block starts as the identity), weight-tied output head, ``scaled_dot_product_attention``.
+
+The latent-state model (``num_states > 0``) also embeds each token's latent state (``semdlm.kernels``: clean,
+global jump, neighbour slot). Positions whose x_0 is known copy x_t (carry-over, MDLM's SUBS): those with state
+``CLEAN``, and for the absorbing kernel every unmasked position; [MASK] is never predicted.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semdlm.config import ModelConfig
+from semdlm.kernels import CLEAN
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,11 +72,14 @@ class Block(nn.Module):
 class Denoiser(nn.Module):
     """x0-prediction network. For an absorbing kernel the [MASK] logit is -inf (it is never a clean token)."""
 
-    def __init__(self, vocab_size: int, seq_len: int, cfg: ModelConfig, mask_id: int | None = None) -> None:
+    def __init__(self, vocab_size: int, seq_len: int, cfg: ModelConfig, mask_id: int | None = None,
+                 num_states: int = 0) -> None:
         super().__init__()
         self.cfg, self.vocab_size, self.seq_len, self.mask_id = cfg, vocab_size, seq_len, mask_id
+        self.num_states = num_states
         d, c = cfg.d_model, cfg.cond_dim or cfg.d_model
         self.embed = nn.Embedding(vocab_size, d)
+        self.state_embed = nn.Embedding(num_states, d) if num_states else None
         self.time = nn.Sequential(nn.Linear(c, c), nn.SiLU(), nn.Linear(c, c))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(d, elementwise_affine=False)
@@ -83,13 +91,23 @@ class Denoiser(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         nn.init.normal_(self.embed.weight, std=0.02)
+        if self.state_embed is not None:
+            nn.init.normal_(self.state_embed.weight, std=0.02)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, xt: torch.Tensor, t: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of p_theta(x_0 | x_t, state) ([B, L, V] float32); ``state`` is required by (and only read by)
+        the latent-state model."""
         L = xt.shape[1]
         x = self.embed(xt)
+        if self.state_embed is not None:
+            if state is None:
+                raise ValueError("this denoiser is a latent-state model: pass the latent state of x_t")
+            x = x + self.state_embed(state)
+        else:
+            state = None
         tt = t if self.cfg.time_conditioning else torch.zeros_like(t)
         c = F.silu(self.time(timestep_embedding(tt, self.cfg.cond_dim or self.cfg.d_model)))
         for block in self.blocks:
@@ -99,4 +117,16 @@ class Denoiser(nn.Module):
         logits = h @ self.embed.weight.T + self.bias  # weight-tied head
         if self.mask_id is not None:
             logits[..., self.mask_id] = float("-inf")
+        known = carry_over_mask(xt, state, self.mask_id)
+        if known is not None:  # carry-over: p_theta(x_0 | x_t) = delta_{x_t} where x_0 is known
+            copy = torch.full_like(logits, float("-inf")).scatter_(-1, xt[..., None], 0.0)
+            logits = torch.where(known[..., None], copy, logits)
         return logits.float()
+
+
+def carry_over_mask(xt: torch.Tensor, state: torch.Tensor | None, mask_id: int | None) -> torch.Tensor | None:
+    """Positions whose x_0 is x_t: latent state CLEAN when the state is seen, else x_t != [MASK] for the
+    absorbing kernel; None when no position is known (the paper's model of a non-absorbing kernel)."""
+    if state is not None:
+        return state == CLEAN
+    return xt != mask_id if mask_id is not None else None
