@@ -26,14 +26,16 @@ from semdlm.config import Params
 from semdlm.dispersion import between_t_variance, dispersion, mean_posterior_entropy, midpoint_times
 from semdlm.kernels import Kernel
 from semdlm.loss import token_ce
-from semdlm.model import carry_over_mask
+from semdlm.model import Denoiser
 
 
-def gradient(model: torch.nn.Module, kernel: Kernel, x0: torch.Tensor, xt: torch.Tensor, t: float) -> torch.Tensor:
+def gradient(model: Denoiser, kernel: Kernel, x0: torch.Tensor, xt: torch.Tensor, state: torch.Tensor,
+             t: float) -> torch.Tensor:
     """Flattened d L_t / d theta on one batch (the unweighted denoising CE of the paper's Sec. 3.2.3)."""
     model.zero_grad(set_to_none=True)
-    logits = model(xt, torch.full((x0.shape[0],), t, dtype=torch.float32))
-    token_ce(logits, x0, carry_over_mask(xt, None, kernel.mask_id)).mean().backward()
+    seen = state if model.num_states else None
+    logits = kernel.constrain(model(xt, torch.full((x0.shape[0],), t, dtype=torch.float32), seen), xt, seen)
+    token_ce(logits, x0).mean().backward()
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
@@ -49,10 +51,10 @@ def measure(params: Params, kernel_name: str, vocab: Vocab, m: torch.Tensor, val
     start = time.perf_counter()
     h, ga, gb = [], [], []
     for t in times.tolist():
-        xt = kernel.sample_xt(x0, torch.full((x0.shape[0],), t, dtype=torch.float64), gen)
+        xt, state = kernel.corrupt(x0, torch.full((x0.shape[0],), t, dtype=torch.float64), gen)
         h.append(mean_posterior_entropy(kernel, m, xt, t))
-        ga.append(gradient(model, kernel, x0[:n], xt[:n], t))
-        gb.append(gradient(model, kernel, x0[n:], xt[n:], t))
+        ga.append(gradient(model, kernel, x0[:n], xt[:n], state[:n], t))
+        gb.append(gradient(model, kernel, x0[n:], xt[n:], state[n:], t))
     h = torch.tensor(h, dtype=torch.float64)
     between, noise = between_t_variance(torch.stack(ga), torch.stack(gb))
     return {"times": times.tolist(), "posterior_entropy": h.tolist(), "dispersion": dispersion(h),

@@ -77,6 +77,7 @@ def draw(model: Denoiser, kernel: Kernel, cfg: SamplerConfig, x0_dist: torch.Ten
          transform: Transform | None) -> tuple[list[list[int]], float, float]:
     """``cfg.num_samples`` sequences at ``cfg.steps`` (one count): (ids, network calls per batch, wall s)."""
     gen = torch.Generator().manual_seed(cfg.seed)
+    latent = model.num_states > 0  # the latent-state model sees (and the sampler tracks) each token's state
     ids, nfe = [], 0
     start = time.perf_counter()
     columns = (TextColumn(f"sample@{kernel.name} {cfg.steps} steps"), BarColumn(), MofNCompleteColumn(),
@@ -89,13 +90,14 @@ def draw(model: Denoiser, kernel: Kernel, cfg: SamplerConfig, x0_dist: torch.Ten
             advance = lambda n=n: bar.advance(task, n)  # noqa: E731 - one call per sampler step
             if cfg.name == "blockwise":
                 res = blockwise(model, kernel, n, model.seq_len, cfg.steps, cfg.strides, gen, x0_dist, cfg.top_p,
-                                cfg.rho, cfg.freeze_threshold, transform, advance, cfg.top_k, cfg.corrector_steps)
+                                cfg.rho, cfg.freeze_threshold, transform, advance, cfg.top_k, cfg.corrector_steps,
+                                latent)
             elif cfg.name == "tau_leaping":
                 res = tau_leaping(model, kernel, n, model.seq_len, cfg.steps, gen, cfg.corrector_steps, transform,
-                                  advance, x0_dist)
+                                  advance, x0_dist, latent)
             else:
                 res = ancestral(model, kernel, n, model.seq_len, cfg.steps, gen, x0_dist, advance, transform,
-                                cfg.cache)
+                                cfg.cache, latent)
             ids += res.ids.tolist()
             nfe += res.nfe
     wall = time.perf_counter() - start
