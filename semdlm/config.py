@@ -163,7 +163,7 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    name: str = "ancestral"  # "ancestral" (exact reverse coupling), "tau_leaping" (CTMC + PC), "blockwise"
+    name: str = "ancestral"  # "ancestral" (the model's exact reverse step), "tau_leaping" (+ PC), "blockwise"
     steps: int | tuple[int, ...] = 64  # one count, or a list: one sample set per count (Table 3 columns, Fig. 7)
     cache: bool = True  # ancestral + mask: no network call at steps where nothing is revealed
     corrector_steps: int = 0  # tau_leaping, blockwise: corrector steps after each predictor step
