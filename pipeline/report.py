@@ -280,8 +280,8 @@ def render(params: Params, df: pd.DataFrame, unigram_ce: float, disp: dict, exam
         f"- Evaluator `{p['evaluator']}` ({p['eval_dtype']}); gen PPL protocol `{p['protocol']}`: "
         f"{PROTOCOLS[p['protocol']]} (eval.protocol; docs/evaluation.md).",
         f"- Data packing `{params.data.packing}`: {PACKINGS[params.data.packing]} (data.packing).",
-        f"- Sampler `{sa.name}`, sampling steps {steps} (paper: 128/256/512 on LM1B; the embedded default uses "
-        f"fewer so that `dvc repro` stays within its time budget), {sa.num_samples} samples of "
+        f"- Sampler `{sa.name}`, sampling steps {steps} (paper: 128/256/512 on LM1B, 128/256/512/1,024 on OWT; the "
+        f"embedded default uses fewer so that `dvc repro` stays within its time budget), {sa.num_samples} samples of "
         f"{params.data.seq_len} tokens per step count, λ_freq = {sa.lambda_freq}, λ_sem = {sa.lambda_sem}.",
         f"- Seeds: data {params.data.seed}, train {params.train.seed}, sampler {sa.seed}, "
         f"dispersion {params.dispersion.seed}.",
