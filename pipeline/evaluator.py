@@ -60,8 +60,9 @@ class Evaluator:
     tokenizer: object
     context: int
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def encode(self, text: str, special_tokens: bool = False) -> list[int]:
+        """Evaluator ids of ``text``; ``special_tokens``: with whatever the tokenizer adds by default (MDLM)."""
+        return self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 KERNEL_NAMES = ("mask", "uniform", "knn", "semdlm_plus")
 SAMPLER_NAMES = ("ancestral", "tau_leaping", "blockwise")
+PACKINGS = ("wrap", "cls_sep")  # BD3-LM's wrap; the former [CLS] doc [SEP] stream cut into rows
+PROTOCOLS = ("auto", "mdlm", "windows")  # gen PPL: MDLM's computation; the former [BOS] text [EOS] windows
 
 
 class ConfigError(ValueError):
@@ -38,6 +40,7 @@ class DataConfig:
     seed: int = 0
     workers: int = 1  # tokenizer processes (named sources stream through them)
     shard_sequences: int = 65536  # packed sequences per parquet shard of data/tokens/<split>/
+    packing: str = "cls_sep"  # "wrap": BD3-LM (doc [CLS] ..., rows [CLS] + L-2 + [CLS]); "cls_sep": [CLS] doc [SEP]
 
     def __post_init__(self) -> None:
         _check(self.workers >= 1, f"data.workers={self.workers} must be >= 1")
@@ -47,6 +50,7 @@ class DataConfig:
         _check(self.vocab in ("compact", "full"), f"data.vocab={self.vocab!r}: use 'compact' or 'full'")
         _check(self.min_count >= 1, f"data.min_count={self.min_count} must be >= 1")
         _check(self.max_docs >= 0, f"data.max_docs={self.max_docs} must be >= 0 (0 = all)")
+        _check(self.packing in PACKINGS, f"data.packing={self.packing!r} is unknown; use 'wrap' (BD3-LM) or 'cls_sep'")
 
 
 @dataclass(frozen=True)
@@ -222,12 +226,22 @@ class EvalConfig:
     dtype: str = "float32"
     batch_size: int = 16
     num_reference: int = 32  # held-out texts and unigram samples scored as reference rows
-    min_entropy: float = 4.8  # Table 3 threshold (natural log); rows below are marked, not hidden
+    min_entropy: float = 4.8  # Table 3 threshold (nats); marked, not hidden; applied only where ln L >= it
+    protocol: str = "auto"  # gen PPL: "mdlm", "windows"; "auto" = mdlm for gpt2-large, else windows
 
     def __post_init__(self) -> None:
+        _check(self.protocol in PROTOCOLS,
+               f"eval.protocol={self.protocol!r} is unknown; use 'mdlm' (MDLM's gen PPL), 'windows' or 'auto'")
         _check(self.dtype in ("float32", "bfloat16"), f"eval.dtype={self.dtype!r}: use float32 or bfloat16")
         _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
         _check(self.num_reference >= 1, f"eval.num_reference={self.num_reference} must be >= 1")
+
+    @property
+    def gen_ppl_protocol(self) -> str:
+        """The protocol ``auto`` stands for: MDLM's with the paper's evaluator gpt2-large, else ``windows``."""
+        if self.protocol != "auto":
+            return self.protocol
+        return "mdlm" if self.model.rstrip("/").split("/")[-1] == "gpt2-large" else "windows"
 
 
 @dataclass(frozen=True)
