@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--profile", default="params/lm1b.yaml")
     ap.add_argument("--out", default="benchmarks/results/bound.json")
     args = ap.parse_args()
+    tc = load_params(args.profile).train
     device = torch.device(args.device)
     V, K, L = args.vocab, args.k_max, args.seq_len
     gen = torch.Generator(device=device).manual_seed(0)
@@ -62,7 +63,6 @@ def main() -> None:
                 torch.cuda.synchronize()
             per_1000 = (time.perf_counter() - t0) / (B * L) * 1000
             rows.append({"kernel": name, "model": model, "s_per_1000_positions": per_1000, "prior_once_s": prior_s})
-    tc = load_params(args.profile).train
     positions = tc.val_sequences * L * tc.val_repeats
     for r in rows:
         r["projected_final_bound_h"] = r["s_per_1000_positions"] * positions / 1000 / 3600

@@ -221,8 +221,9 @@ def table3(params: Params, df: pd.DataFrame) -> str:
 def table2(params: Params, models: pd.DataFrame) -> str:
     """Our validation bound per kernel; the paper's Table 2 columns only for an LM1B run."""
     top = max(params.sampler.step_counts)
-    cols = ["row", "val_ppl", "gen_ppl", "entropy"]
-    names = ["kernel", "ours: val PPL (bound)", f"ours: gen PPL @{top}", f"ours: entropy @{top}"]
+    cols = ["row", "val_ppl", "bound", "gen_ppl", "entropy"]
+    names = ["kernel", "ours: val PPL (bound)", f"bound (T = {params.train.bound_steps})", f"ours: gen PPL @{top}",
+             f"ours: entropy @{top}"]
     if params.data.source != "lm1b":
         return markdown_table(models, cols, names, 2) + (
             f"\n\nNo paper column: the paper's Table 2 is LM1B test PPL, and this run's data is "
@@ -230,8 +231,8 @@ def table2(params: Params, models: pd.DataFrame) -> str:
     return markdown_table(models, cols + ["paper_ppl", "paper_row"], names + ["paper: LM1B test PPL", "paper row"],
                           2) + (
         "\n\nPaper columns are Table 2 of arXiv 2606.15327 (LM1B, 110M parameters, 200k steps); they are printed "
-        "for orientation only and are **not** comparable with ours unless data, scale and, for knn / semdlm_plus, "
-        "the bound match (see docs/likelihood.md).")
+        "for orientation only and are **not** comparable with ours unless data and scale match; the paper's "
+        "SemDLM+ number is a perplexity of its own samples, not a bound (see docs/likelihood.md).")
 
 
 def entropy_note(params: Params, applies: bool) -> str:

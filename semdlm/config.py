@@ -136,7 +136,7 @@ class TrainConfig:
         _check(0 < self.t_eps < 1, f"train.t_eps={self.t_eps} must be in (0, 1)")
         for k in ("eval_every", "eval_batches", "ckpt_every", "log_every", "val_sequences", "val_repeats",
                   "bound_steps"):
-            _check(getattr(self, k) >= 1, f"train.{k}={getattr(self, k)} must be >= 1")
+            _check(getattr(self, k) >= 1, f"train.{k}={getattr(self, k)} must be >= 1; set a positive integer")
 
 
 @dataclass(frozen=True)

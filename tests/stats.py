@@ -1,4 +1,4 @@
-"""Goodness-of-fit helpers shared by the kernel and coupling tests."""
+"""Goodness-of-fit helpers shared by the kernel and latent-state tests."""
 
 from __future__ import annotations
 

@@ -218,6 +218,9 @@ TRAIN_MASK = ["models/mask", "checkpoints/mask", "metrics/mask"]
 SAMPLE_MASK = ["samples/mask", "metrics/mask/sample.json"]
 # id: (setup, command, fragments of the error line: the bad value ... the fix, outs that must stay as they were)
 BAD_INPUTS = {
+    "bound grid of zero steps": (params("train", bound_steps=0), ["train", "-k", "mask"],
+                                 ["train.bound_steps=0 must be >= 1", "set a positive integer"],
+                                 ["models/mask", "checkpoints/mask"]),
     "unknown kernel": (kernels(maks={}), ["train", "-k", "maks"], ["unknown kernel 'maks'", "did you mean mask"],
                        ["models/maks", "checkpoints/maks"]),
     "kernel not in params": (None, ["train", "-k", "uniform"],
