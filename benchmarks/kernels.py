@@ -19,9 +19,9 @@ import torch
 
 from pipeline.artifacts import load_kernel, load_split, load_vocab
 from pipeline.common import load_params
-from pipeline.train import corrupt_batch, make_optimizer, train_step
 from semdlm.config import KernelConfig
 from semdlm.model import Denoiser
+from semdlm.training import corrupt_batch, make_optimizer, normaliser, train_step
 
 
 def main() -> None:
@@ -47,7 +47,8 @@ def main() -> None:
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 batch = corrupt_batch(x0, kernel, p.train, p.kernels[name], gen)
-                loss = train_step(model, kernel, batch, slice(None), p.kernels[name], x0.device, False)
+                loss = train_step(model, kernel, batch, slice(None), p.kernels[name],
+                                  normaliser(batch.counts, p.kernels[name]), False)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

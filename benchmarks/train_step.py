@@ -3,7 +3,7 @@
     python benchmarks/train_step.py [--params params.yaml] [--steps 20]          # the embedded default's model
     python benchmarks/train_step.py --config paper [--batch 64] [--steps 10]    # 110M model, L = 128 and 1024
 
-The step is the trainer's own (pipeline.train: corrupt_batch + train_step, AdamW; bf16 autocast and optional
+The step is the trainer's own (semdlm.training: corrupt_batch + train_step, AdamW; bf16 autocast and optional
 torch.compile on CUDA) on synthetic tokens. The peak is the GPU's dense bf16 FLOP/s from its data sheet (or
 ``--peak``); on a CPU it is a float32 matmul measured in the same run. ``--config paper`` times every kernel
 (mask, uniform, knn, semdlm_plus with a random [V, k_max] neighbour table) at both of the paper's lengths.
@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from pipeline.common import load_params
-from pipeline.train import corrupt_batch, make_optimizer, train_step
 from semdlm.config import KernelConfig, Params
 from semdlm.kernels import Kernel, build_kernel, masking
 from semdlm.model import Denoiser
+from semdlm.training import corrupt_batch, make_optimizer, normaliser, train_step
 
 GPU_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
                  "A10": 125e12}  # dense (no sparsity) bf16 tensor-core FLOP/s, vendor data sheets
@@ -94,9 +94,9 @@ def time_steps(p: Params, kernels: dict[str, tuple[Kernel, KernelConfig]], V: in
     def step(kernel: Kernel, kcfg: KernelConfig) -> float:
         sync()
         t0 = time.perf_counter()
-        batch = corrupt_batch(x0, kernel, p.train, kcfg, gen)
+        batch = corrupt_batch(x0, kernel, p.train, kcfg, gen).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            loss = train_step(net, kernel, batch, slice(None), kcfg, device, False)
+            loss = train_step(net, kernel, batch, slice(None), kcfg, normaliser(batch.counts, kcfg), False)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
