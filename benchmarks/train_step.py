@@ -148,7 +148,7 @@ def run_paper(p: Params, V: int, batch: int, steps: int, device: torch.device, l
                                     "achieved_flops": B * L / dt * row["flops_per_token"],
                                     "ratio_to_mask": dt / min(times["mask"])}
             print(f"L={L:<5} {name:<12} {dt:8.3f} s/step {B * L / dt:10,.0f} tok/s", flush=True)
-        t0 = time.perf_counter()  # the CPU-side corruption of a whole global batch, done by every rank each step
+        t0 = time.perf_counter()  # CPU-side corruption of a whole global batch (each rank corrupts its share)
         x0 = torch.randint(0, V - 1, (p.train.batch_size, L), generator=gen)
         corrupt_batch(x0, kernels["semdlm_plus"][0], p.train, cfgs["semdlm_plus"], gen)
         row["global_batch_corruption_s"] = {"batch": p.train.batch_size, "seconds": time.perf_counter() - t0}

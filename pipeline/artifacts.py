@@ -121,7 +121,7 @@ def mapped_rows(name: str, write: bool = True) -> np.ndarray:
     path = TOKEN_CACHE / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
     if write and not path.exists():
         for stale in TOKEN_CACHE.glob(f"{name}-*.npy"):
-            stale.unlink()
+            stale.unlink(missing_ok=True)  # another node may have removed it (shared file system)
         with atomic(path) as tmp:
             rows = load_rows(name, lambda shape, dtype: np.lib.format.open_memmap(tmp, "w+", dtype, shape))
             rows.flush()

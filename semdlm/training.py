@@ -37,11 +37,12 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with ``train.adam_beta1/adam_beta2/adam_eps``; no weight decay on biases (1-d parameters)."""
+    """AdamW with ``train.adam_beta1/adam_beta2/adam_eps``; no weight decay on biases (1-d parameters). The fused
+    kernel (CPU and CUDA): the per-parameter loop of the default took 6x its time on the embedded model's CPU step."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=True)
 
 
 class EMA:
