@@ -238,10 +238,11 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
     def prior() -> torch.Tensor | None:  # once per run, at the first evaluation
         return token_prior_kl(kernel, unigram)
 
-    def denoise(xt: torch.Tensor, t: torch.Tensor, *state: torch.Tensor) -> torch.Tensor:
+    def denoise(xt: torch.Tensor, t: torch.Tensor, *state: torch.Tensor | None) -> torch.Tensor:
         """EMA logits in float32 on the device (no autocast, whatever the training precision), returned where
-        the bound's tensors are."""
-        return ema.model(xt.to(dist.device), t.to(dist.device), *(s.to(dist.device) for s in state)).to(xt.device)
+        the bound's tensors are; a latent state, when the bound passes one, goes along."""
+        state = tuple(s if s is None else s.to(dist.device) for s in state)
+        return ema.model(xt.to(dist.device), t.to(dist.device), *state).to(xt.device)
 
     def evaluate(sequences: int, repeats: int) -> float:
         """Bound over the first ``sequences`` validation sequences: blocks of eval_bs, block k scored by rank
