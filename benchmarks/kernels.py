@@ -19,9 +19,9 @@ import torch
 
 from pipeline.artifacts import load_kernel, load_split, load_vocab
 from pipeline.common import load_params
-from pipeline.train import corrupt_batch, make_optimizer, train_step
 from semdlm.config import KernelConfig
 from semdlm.model import Denoiser
+from semdlm.training import corrupt_batch, make_optimizer, normaliser, train_step
 
 
 def main() -> None:
@@ -42,12 +42,14 @@ def main() -> None:
         for name in names:
             kernel = load_kernel(name, p, vocab)
             torch.manual_seed(0)
-            model = Denoiser(vocab.size, data.shape[1], p.model, kernel.mask_id)
+            model = Denoiser(vocab.size, data.shape[1], p.model, kernel.mask_id,
+                             kernel.num_states if p.model.latent_state else 0)
             opt = make_optimizer(model, p.train)
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 batch = corrupt_batch(x0, kernel, p.train, p.kernels[name], gen)
-                loss = train_step(model, kernel, batch, slice(None), p.kernels[name], x0.device, False)
+                loss = train_step(model, kernel, batch, slice(None), p.kernels[name],
+                                  normaliser(batch.counts, p.kernels[name]), p.model.latent_state)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

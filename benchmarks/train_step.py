@@ -3,7 +3,7 @@
     python benchmarks/train_step.py [--params params.yaml] [--steps 20]          # the embedded default's model
     python benchmarks/train_step.py --config paper [--batch 64] [--steps 10]    # 110M model, L = 128 and 1024
 
-The step is the trainer's own (pipeline.train: corrupt_batch + train_step, AdamW; bf16 autocast and optional
+The step is the trainer's own (semdlm.training: corrupt_batch + train_step, AdamW; bf16 autocast and optional
 torch.compile on CUDA) on synthetic tokens. The peak is the GPU's dense bf16 FLOP/s from its data sheet (or
 ``--peak``); on a CPU it is a float32 matmul measured in the same run. ``--config paper`` times every kernel
 (mask, uniform, knn, semdlm_plus with a random [V, k_max] neighbour table) at both of the paper's lengths.
@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from pipeline.common import load_params
-from pipeline.train import corrupt_batch, make_optimizer, train_step
 from semdlm.config import KernelConfig, Params
 from semdlm.kernels import Kernel, build_kernel, masking
 from semdlm.model import Denoiser
+from semdlm.training import corrupt_batch, make_optimizer, normaliser, train_step
 
 GPU_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
                  "A10": 125e12}  # dense (no sparsity) bf16 tensor-core FLOP/s, vendor data sheets
@@ -83,7 +83,9 @@ def time_steps(p: Params, kernels: dict[str, tuple[Kernel, KernelConfig]], V: in
     The kernels take turns on one model, step by step, so that a change in the machine's load hits all alike.
     """
     torch.manual_seed(0)
-    model = Denoiser(V, L, p.model, V - 1).to(device)
+    states = max(k.num_states for k, _ in kernels.values()) if p.model.latent_state else 0
+    model = Denoiser(V, L, p.model, V - 1, states).to(device)
+    on_device = {k.name: k.to(device) for k, _ in kernels.values()}  # constrain() runs where the logits are
     net = torch.compile(model) if p.train.compile and device.type == "cuda" else model
     opt = make_optimizer(model, p.train)
     gen = torch.Generator().manual_seed(0)
@@ -94,9 +96,10 @@ def time_steps(p: Params, kernels: dict[str, tuple[Kernel, KernelConfig]], V: in
     def step(kernel: Kernel, kcfg: KernelConfig) -> float:
         sync()
         t0 = time.perf_counter()
-        batch = corrupt_batch(x0, kernel, p.train, kcfg, gen)
+        batch = corrupt_batch(x0, kernel, p.train, kcfg, gen).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            loss = train_step(net, kernel, batch, slice(None), kcfg, device, False)
+            loss = train_step(net, on_device[kernel.name], batch, slice(None), kcfg, normaliser(batch.counts, kcfg),
+                              p.model.latent_state)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -148,7 +151,7 @@ def run_paper(p: Params, V: int, batch: int, steps: int, device: torch.device, l
                                     "achieved_flops": B * L / dt * row["flops_per_token"],
                                     "ratio_to_mask": dt / min(times["mask"])}
             print(f"L={L:<5} {name:<12} {dt:8.3f} s/step {B * L / dt:10,.0f} tok/s", flush=True)
-        t0 = time.perf_counter()  # the CPU-side corruption of a whole global batch, done by every rank each step
+        t0 = time.perf_counter()  # CPU-side corruption of a whole global batch (each rank corrupts its share)
         x0 = torch.randint(0, V - 1, (p.train.batch_size, L), generator=gen)
         corrupt_batch(x0, kernels["semdlm_plus"][0], p.train, cfgs["semdlm_plus"], gen)
         row["global_batch_corruption_s"] = {"batch": p.train.batch_size, "seconds": time.perf_counter() - t0}

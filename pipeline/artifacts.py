@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.common import StageError, read_json, read_parquet, require
+from pipeline.common import StageError, atomic, read_json, read_parquet, require
 from semdlm.config import Params
 from semdlm.kernels import Kernel, build_kernel
 from semdlm.model import Denoiser
@@ -22,6 +24,7 @@ PRIOR_METRICS = Path("metrics/prior.json")
 EVALUATOR = Path("models/evaluator")
 REFERENCE = Path("metrics/reference.json")
 DISPERSION = Path("metrics/dispersion.json")
+TOKEN_CACHE = Path("checkpoints/tokens")  # memory-mapped copies of the token splits (no out: rebuilt when missing)
 
 
 def model_path(kernel: str) -> Path:
@@ -88,9 +91,10 @@ def iter_split(name: str) -> Iterator[np.ndarray]:
             ) from None
 
 
-def load_rows(name: str) -> np.ndarray:
+def load_rows(name: str, alloc: Callable[[tuple[int, int], type], np.ndarray] = np.empty) -> np.ndarray:
     """All sequences of a split in one [rows, seq_len] array: uint16 when the vocabulary allows (it does for
-    bert-base-uncased; OpenWebText is then ~18 GB), else int32. Filled shard by shard, no second copy."""
+    bert-base-uncased; OpenWebText is then ~18 GB), else int32. Filled shard by shard into ``alloc(shape, dtype)``
+    (in memory, or a memory map for ``mapped_rows``), no second copy."""
     import pyarrow.parquet as pq
 
     shards = split_shards(name)
@@ -100,12 +104,29 @@ def load_rows(name: str) -> np.ndarray:
     at = 0
     for part in iter_split(name):
         if rows is None:
-            rows = np.empty((sum(sizes), part.shape[1]), dtype=np.uint16 if vocab_size <= 2**16 else np.int32)
+            rows = alloc((sum(sizes), part.shape[1]), np.uint16 if vocab_size <= 2**16 else np.int32)
         rows[at : at + len(part)] = part
         at += len(part)
     if rows is None or len(rows) == 0:
         raise StageError(f"{TOKENS / name} has no sequences; use a larger corpus or a smaller data.seq_len")
     return rows
+
+
+def mapped_rows(name: str, write: bool = True) -> np.ndarray:
+    """``load_rows(name)`` as a read-only memory map of a flat .npy under checkpoints/tokens/: the page cache holds
+    one copy per node, shared by its ranks. ``write``: build it when missing or stale (the shards changed); call it
+    so in one process per node (local rank 0) and with ``write=False`` in the others once that one is done."""
+    shards = split_shards(name)
+    key = json.dumps([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in shards])
+    path = TOKEN_CACHE / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+    if write and not path.exists():
+        for stale in TOKEN_CACHE.glob(f"{name}-*.npy"):
+            stale.unlink(missing_ok=True)  # another node may have removed it (shared file system)
+        with atomic(path) as tmp:
+            rows = load_rows(name, lambda shape, dtype: np.lib.format.open_memmap(tmp, "w+", dtype, shape))
+            rows.flush()
+            del rows
+    return np.load(require(path, "tokenize"), mmap_mode="r")
 
 
 def load_split(name: str) -> torch.Tensor:

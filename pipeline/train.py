@@ -1,14 +1,16 @@
 """train@<kernel>: fit the x0-prediction denoiser; resumable, NaN-safe, per-step logs for dvc plots.
 
-One process, or ``train.devices`` processes under torchrun (DDP). Every rank draws the same global batch
-(indices, t and x_t from one generator) and trains on its own rows of it, so the run is the same computation for
-any number of ranks and accumulation steps, and a checkpoint resumes on any number of ranks.
+One process, or ``train.devices`` processes under torchrun (DDP). The step's math is ``semdlm.training``: every rank
+advances one generator in the same way, reads and corrupts only its own micro-batches of the global batch and seeds
+their dropout from it. Runs with the same number of micro-batches (ranks x grad_accum) are the same computation up to
+the order of float sums, and a checkpoint (whose generator state is all the randomness there is) resumes on any number
+of ranks. The loss is read back from the device only at log, checkpoint and evaluation steps. Validation is spread
+over the ranks and runs on the device in float32, after the checkpoint of its step is written.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import hashlib
 import json
@@ -32,30 +34,31 @@ from pipeline.artifacts import (
     Vocab,
     checkpoint_dir,
     load_kernel,
-    load_rows,
-    load_split,
     load_unigram,
     load_vocab,
+    mapped_rows,
     metrics_dir,
     model_path,
 )
 from pipeline.common import StageError, atomic, load_params, read_json, write_json
-from semdlm.config import KernelConfig, Params, TrainConfig
+from semdlm.config import Params, TrainConfig
 from semdlm.kernels import Kernel
 from semdlm.likelihood import bound_name, token_prior_kl, validation_nelbo
-from semdlm.loss import change_aware_loss, change_weights, stratified_times, time_weight, token_ce
 from semdlm.model import Denoiser
+from semdlm.training import (
+    EMA,
+    Batch,
+    ImpossibleTarget,
+    draw_batch,
+    lr_factor,
+    make_optimizer,
+    normaliser,
+    train_step,
+)
 
-EVAL_LOGITS = 2**27  # logits per validation batch (1 GiB of float64): bounds the batch at large L x V
-RUNTIME_FIELDS = ("devices", "grad_accum", "device", "precision", "compile", "threads")  # not in the fingerprint
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr_ratio * lr at the last step."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+EVAL_LOGITS = 2**27  # logits per validation block (1 GiB of float64): bounds the block at large L x V
+RUNTIME_FIELDS = ("devices", "grad_accum", "device", "precision", "compile", "threads", "deterministic")  # not in the
+# fingerprint: how a run is computed, not what (precision and device are recorded in train.json instead)
 
 
 def fingerprint(params: Params, kernel: str, vocab_size: int, seq_len: int) -> str:
@@ -66,68 +69,33 @@ def fingerprint(params: Params, kernel: str, vocab_size: int, seq_len: int) -> s
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def make_optimizer(model: Denoiser, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
-
-
-@dataclass
-class Batch:
-    """One global batch, identical on every rank: x_0, x_t, its latent state, t, omega(t) and the Eq. 120
-    normaliser sum_i w_i."""
-
-    x0: torch.Tensor
-    xt: torch.Tensor
-    state: torch.Tensor
-    t: torch.Tensor
-    omega: torch.Tensor
-    norm: torch.Tensor
-
-
-def draw_batch(rows: np.ndarray, kernel: Kernel, cfg: TrainConfig, kcfg: KernelConfig,
-               gen: torch.Generator) -> Batch:
-    """The global batch of one optimiser step: cfg.batch_size sequences drawn with replacement, corrupted."""
-    idx = torch.randint(len(rows), (cfg.batch_size,), generator=gen)
-    return corrupt_batch(torch.from_numpy(rows[idx.numpy()].astype(np.int64)), kernel, cfg, kcfg, gen)
-
-
-def corrupt_batch(x0: torch.Tensor, kernel: Kernel, cfg: TrainConfig, kcfg: KernelConfig,
-                  gen: torch.Generator) -> Batch:
-    """t (low-discrepancy if cfg.antithetic), x_t ~ q(.|x_0), omega(t) and sum_i w_i (Eq. 120) for ``x0``."""
-    B = len(x0)
-    if cfg.antithetic:
-        t = stratified_times(B, cfg.t_eps, gen)
-    else:
-        t = cfg.t_eps + (1 - cfg.t_eps) * torch.rand(B, dtype=torch.float64, generator=gen)
-    xt, state = kernel.corrupt(x0, t, gen)
-    omega = time_weight(kernel, t) if kcfg.time_weight == "elbo" else torch.ones_like(t)
-    return Batch(x0, xt, state, t, omega, change_weights(x0, xt, kcfg.lambda_chg, kcfg.lambda_same).sum())
-
-
-def train_step(model: Callable[..., torch.Tensor], kernel: Kernel, batch: Batch, rows: slice, kcfg: KernelConfig,
-               device: torch.device, latent: bool) -> torch.Tensor:
-    """Eq. 120 loss of ``rows`` of the batch, normalised by the whole batch: the shards' losses add up to it.
-    ``latent``: the model sees the latent state (and carries clean positions over)."""
-    x0, xt, state = batch.x0[rows].to(device), batch.xt[rows].to(device), batch.state[rows].to(device)
-    state = state if latent else None
-    ce = token_ce(kernel.constrain(model(xt, batch.t[rows].float().to(device), state), xt, state), x0)
-    return change_aware_loss(ce, x0, xt, batch.omega[rows].to(device), kcfg.lambda_chg, kcfg.lambda_same,
-                             batch.norm.to(device))
-
-
 @dataclass(frozen=True)
 class Dist:
-    """This process's place in the run: rank, world size and device (torchrun sets RANK / WORLD_SIZE)."""
+    """This process's place in the run: rank, world size, ranks on this node and device (torchrun sets RANK,
+    WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE)."""
 
     rank: int
     world: int
+    local_rank: int
     device: torch.device
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def threads(cfg: TrainConfig) -> int:
+    """torch threads of this process: ``train.threads``; with 0, torch's default in a lone process, and under torchrun
+    (which sets OMP_NUM_THREADS=1) the node's cores shared evenly by its ranks (at least 1)."""
+    if cfg.threads:
+        return cfg.threads
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        return max(1, len(os.sched_getaffinity(0)) // int(os.environ["LOCAL_WORLD_SIZE"]))
+    return torch.get_num_threads()
 
 
 def setup_dist(cfg: TrainConfig) -> Dist:
@@ -144,7 +112,17 @@ def setup_dist(cfg: TrainConfig) -> Dist:
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
-    return Dist(rank, world, device)
+    return Dist(rank, world, local, device)
+
+
+def shared_rows(name: str, dist: Dist) -> np.ndarray:
+    """A token split memory-mapped: written once per node (its local rank 0), read by all its ranks."""
+    if dist.local_rank == 0:
+        rows = mapped_rows(name)
+        dist.barrier()
+        return rows
+    dist.barrier()
+    return mapped_rows(name, write=False)
 
 
 def launch(params_path: str, kernel: str) -> None:
@@ -163,7 +141,7 @@ def launch(params_path: str, kernel: str) -> None:
 
 
 class Checkpoint:
-    """Full training state (model, optimiser, schedule, RNG, step, logs) in one weights-only file."""
+    """Full training state (model, EMA, optimiser, schedule, data generator, step, logs) in one weights-only file."""
 
     def __init__(self, kernel: str) -> None:
         self.path = checkpoint_dir(kernel) / "state.pt"
@@ -187,27 +165,18 @@ class Checkpoint:
         return state
 
 
-class EMA:
-    """Exponential moving average of the weights (decay 0 = off: the trained weights themselves)."""
-
-    def __init__(self, model: Denoiser, decay: float) -> None:
-        self.decay = decay
-        self.model = copy.deepcopy(model).requires_grad_(False) if decay else model
-
-    @torch.no_grad()
-    def update(self, model: Denoiser) -> None:
-        if self.decay:
-            for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
-                e.lerp_(p, 1.0 - self.decay)
-
-
 def run(params: Params, kernel_name: str) -> None:
-    if params.train.threads:
-        torch.set_num_threads(params.train.threads)
-    dist = setup_dist(params.train)
+    cfg = params.train
+    torch.set_num_threads(threads(cfg))
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if cfg.deterministic:  # cuBLAS reads the variable when its first handle is made: before any CUDA work
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # an op without such a kernel warns, never stops
+    dist = setup_dist(cfg)
     try:
         _train(params, kernel_name, dist)
     finally:
+        torch.use_deterministic_algorithms(deterministic)
         if dist.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -216,12 +185,14 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
     cfg = params.train
     vocab = load_vocab()
     kernel = load_kernel(kernel_name, params, vocab)
+    eval_kernel = kernel.to(dist.device)  # the validation bound runs on the device
     kcfg = params.kernels[kernel_name]
-    train = load_rows("train")
-    valid = load_split("valid") if dist.main else torch.zeros(0, train.shape[1], dtype=torch.long)  # rank 0 validates
+    train, valid = shared_rows("train", dist), shared_rows("valid", dist)
     seq_len = train.shape[1]
     unigram_ce = read_json(PRIOR_METRICS, "prior")["unigram_valid_ce"]
-    micro = cfg.batch_size // (dist.world * cfg.grad_accum)
+    pieces = dist.world * cfg.grad_accum  # micro-batches of the global batch; this rank computes `mine`
+    micro = cfg.batch_size // pieces
+    mine = range(dist.rank * cfg.grad_accum, (dist.rank + 1) * cfg.grad_accum)
 
     torch.manual_seed(cfg.seed)
     model = Denoiser(vocab.size, seq_len, params.model, kernel.mask_id,
@@ -241,18 +212,15 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
     if (state := ckpt.load(fp)) is not None:
         model.load_state_dict(state["model"])
         if cfg.ema:
-            ema.model.load_state_dict(state["ema"])
+            ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
         step, train_log, val_log = state["step"], state["train_log"], state["val_log"]
         train_seconds = state["train_seconds"]
-        window_loss, window_tokens, window_time = state.get("window", (0.0, 0, 0.0))
+        window_loss, window_tokens, window_time = state["window"]
         if dist.main:
             print(f"resuming {kernel_name} from step {step} ({ckpt.path})")
-    if dist.rank:  # dropout differs between ranks
-        torch.manual_seed(cfg.seed + 7919 * dist.rank + step)
     ddp = None
     if dist.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -265,104 +233,132 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
     def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
-    eval_bs = min(micro, max(1, EVAL_LOGITS // (seq_len * vocab.size)))  # float64 bound arithmetic is on the CPU
+    eval_bs = min(cfg.batch_size, max(1, EVAL_LOGITS // (seq_len * vocab.size)))  # the same for any rank count
 
     @functools.cache
-    def prior() -> torch.Tensor | None:  # once per run, at the first evaluation (rank 0 only evaluates)
-        return token_prior_kl(kernel, unigram, params.model.latent_state)
+    def prior() -> torch.Tensor:  # once per run, at the first evaluation, on the device
+        return token_prior_kl(eval_kernel, unigram.to(dist.device), params.model.latent_state)
 
-    def evaluate(batches: int, repeats: int = 1) -> float:
-        """Bound over the first ``batches`` x batch_size validation sequences, with the EMA weights."""
-        def denoise(xt: torch.Tensor, t: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
-            with autocast():
-                seen = None if state is None else state.to(dist.device)
-                return ema.model(xt.to(dist.device), t.to(dist.device), seen).float().cpu()
+    def denoise(xt: torch.Tensor, t: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        """EMA logits in float32 on the device (no autocast, whatever the training precision), where the bound's
+        tensors are; the latent state goes along when the model sees it."""
+        return ema.model(xt.to(dist.device), t.to(dist.device), None if state is None else state.to(dist.device))
 
+    def evaluate(sequences: int, repeats: int) -> float:
+        """Bound over the first ``sequences`` validation sequences: blocks of eval_bs, block k scored by rank
+        k mod world with its own seed, the per-block sums all-reduced (the same value for any rank count)."""
+        n = min(sequences, len(valid))
+        starts = range(0, n, eval_bs)
+        sums = torch.zeros(len(starts), dtype=torch.float64, device=dist.device)
+        was_training = ema.model.training
         ema.model.eval()
         with torch.no_grad():
-            v = validation_nelbo(denoise, kernel, valid, eval_bs, -(-batches * cfg.batch_size // eval_bs), cfg.seed,
-                                 cfg.bound_steps, prior(), repeats, params.model.latent_state)
-        ema.model.train()
-        return v
-
-    def barrier() -> None:
+            for k in range(dist.rank, len(starts), dist.world):
+                x0 = torch.from_numpy(valid[starts[k] : min(starts[k] + eval_bs, n)].astype(np.int64))
+                mean = validation_nelbo(denoise, eval_kernel, x0.to(dist.device), eval_bs, 1, cfg.seed + k,
+                                        cfg.bound_steps, prior(), repeats, params.model.latent_state)
+                sums[k] = mean * len(x0)
+        ema.model.train(was_training)
         if dist.world > 1:
-            torch.distributed.barrier()
+            torch.distributed.all_reduce(sums)
+        return float(sums.sum()) / n
 
+    def periodic_evaluation() -> None:
+        val_log.append({"step": step, "val_nelbo": evaluate(cfg.eval_batches * cfg.batch_size, 1)})
+
+    def drawn(pending: Future[Batch] | None) -> Batch:
+        try:
+            return pending.result() if pending else draw(gen)
+        except ImpossibleTarget as e:
+            raise StageError(
+                f"train sequence {e.row} has token id {e.token} ({vocab.tokens[e.token]}) as a clean token, whose "
+                "logit is -inf, so the loss would be infinite: the corpus spells a special token; rebuild the tokens "
+                "so that such text is encoded as text (`dvc repro tokenize`)"
+            ) from None
+
+    draw = functools.partial(draw_batch, train, kernel, cfg, kcfg, pieces=pieces, mine=mine, never=model.mask_id)
     model.train()
-    last_good = step
+    if 0 < step < cfg.steps and step % cfg.eval_every == 0 and all(r["step"] != step for r in val_log):
+        periodic_evaluation()  # the run stopped between this step's checkpoint and its evaluation
+    last_good, last_loss = step, float("nan")
+    losses: list[torch.Tensor] = []  # this rank's loss of each step since the last check, on the device
     columns = (TextColumn(f"train@{kernel_name}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn())
-    # every rank corrupts the whole global batch on the CPU: on a GPU or over several ranks, draw the next one in a
-    # background thread while this step computes (the generator is used in the same order: same results)
+    # on a GPU or over several ranks, draw and corrupt the next batch in a background thread while this step
+    # computes (the generator is used in the same order: same results)
     prefetch = dist.device.type == "cuda" or dist.world > 1
     pending: Future[Batch] | None = None
     with Progress(*columns, disable=not dist.main) as bar, ThreadPoolExecutor(1) as pool:
         task = bar.add_task("train", total=cfg.steps, completed=step, loss=float("nan"))
         while step < cfg.steps:
             t0 = time.perf_counter()
-            batch = pending.result() if pending else draw_batch(train, kernel, cfg, kcfg, gen)
+            batch = drawn(pending)
             gen_state = gen.get_state()  # after this step's draws: what a resumed run continues from
-            more = prefetch and step + 1 < cfg.steps
-            pending = pool.submit(draw_batch, train, kernel, cfg, kcfg, gen) if more else None
+            pending = pool.submit(draw, gen) if prefetch and step + 1 < cfg.steps else None
+            batch = batch.to(dist.device)
+            if dist.world > 1:
+                torch.distributed.all_reduce(batch.counts)  # Eq. 120's normaliser is the global batch's
+            norm = normaliser(batch.counts, kcfg)
             opt.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=dist.device)
             for j in range(cfg.grad_accum):
-                start = (dist.rank * cfg.grad_accum + j) * micro
                 defer = ddp is not None and j < cfg.grad_accum - 1  # all-reduce once, after the last micro-batch
                 with (ddp.no_sync() if defer else contextlib.nullcontext()), autocast():
-                    loss = train_step(net, kernel, batch, slice(start, start + micro), kcfg, dist.device,
-                                      params.model.latent_state)
+                    loss = train_step(net, kernel, batch, slice(j * micro, (j + 1) * micro), kcfg, norm,
+                                      params.model.latent_state, batch.seeds[j])
                 loss_sum += loss.detach()
                 (loss * dist.world if dist.world > 1 else loss).backward()  # DDP averages over ranks
-            if dist.world > 1:
-                torch.distributed.all_reduce(loss_sum)
-            loss_value = float(loss_sum)
-            if not math.isfinite(loss_value):
-                raise StageError(
-                    f"train loss is {loss_value} at step {step + 1} of train@{kernel_name}; stopped, the last good "
-                    f"checkpoint (step {last_good}) is kept in {ckpt.path}; lower train.lr or raise train.warmup_steps"
-                )
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
             ema.update(model)
+            losses.append(loss_sum)
             step += 1
+            persist = step % cfg.ckpt_every == 0 or step == cfg.steps or step % cfg.eval_every == 0
+            if persist or step % cfg.log_every == 0:  # read the losses back: check them before they are kept
+                values = torch.stack(losses)
+                if dist.world > 1:
+                    torch.distributed.all_reduce(values)
+                for i, v in enumerate(values.tolist()):
+                    if not math.isfinite(v):
+                        raise StageError(
+                            f"train loss is {v} at step {step - len(losses) + i + 1} of train@{kernel_name}; stopped, "
+                            f"the last good checkpoint (step {last_good}) is kept in {ckpt.path}; lower train.lr or "
+                            "raise train.warmup_steps")
+                    window_loss += v
+                losses, last_loss = [], v
             dt = time.perf_counter() - t0
             train_seconds += dt
-            window_loss += loss_value
-            window_tokens += batch.x0.numel()
+            window_tokens += cfg.batch_size * seq_len
             window_time += dt
             if step % cfg.log_every == 0 or step == cfg.steps:
                 n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
                 train_log.append({"step": step, "loss": window_loss / n, "lr": sched.get_last_lr()[0],
                                   "tokens_per_s": window_tokens / window_time})
                 window_loss, window_tokens, window_time = 0.0, 0, 0.0
-            if step % cfg.eval_every == 0 and step < cfg.steps:
-                if dist.main:
-                    val_log.append({"step": step, "val_nelbo": evaluate(cfg.eval_batches)})
-                barrier()
-            if (step % cfg.ckpt_every == 0 or step == cfg.steps) and dist.main:
-                ckpt.save({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": sched.state_dict(), "generator": gen_state,
-                           "torch_rng": torch.get_rng_state(), "step": step, "train_log": train_log,
-                           "val_log": val_log, "train_seconds": train_seconds,
-                           "window": (window_loss, window_tokens, window_time),
-                           **({"ema": ema.model.state_dict()} if cfg.ema else {})})
+            if persist:
+                if dist.main:  # written before this step's evaluation: a resume re-runs only the evaluation
+                    ckpt.save({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "generator": gen_state, "step": step,
+                               "train_log": train_log, "val_log": val_log, "train_seconds": train_seconds,
+                               "window": (window_loss, window_tokens, window_time),
+                               **({"ema": ema.state_dict()} if cfg.ema else {})})
                 last_good = step
-            bar.update(task, completed=step, loss=loss_value)
+                if step % cfg.eval_every == 0 and step < cfg.steps:
+                    periodic_evaluation()
+            bar.update(task, completed=step, loss=last_loss)
+    val_nelbo = evaluate(cfg.val_sequences, cfg.val_repeats)
     if dist.main:
-        _finish(params, kernel_name, vocab, kernel, ema.model, step, train_log, val_log, train_seconds, fp,
-                evaluate, unigram_ce, len(valid), seq_len)
-    barrier()
+        _finish(params, kernel_name, vocab, kernel, ema.model, step, train_log, val_log, val_nelbo, train_seconds,
+                fp, unigram_ce, seq_len, dist)
+    dist.barrier()
 
 
 def _finish(params: Params, kernel_name: str, vocab: Vocab, kernel: Kernel, model: Denoiser, step: int,
-            train_log: list[dict], val_log: list[dict], train_seconds: float, fp: str,
-            evaluate: Callable[[int, int], float], unigram_ce: float, n_valid: int, seq_len: int) -> None:
-    """Final validation bound, model.pt (the EMA weights when train.ema > 0), logs and train.json (rank 0)."""
+            train_log: list[dict], val_log: list[dict], val_nelbo: float, train_seconds: float, fp: str,
+            unigram_ce: float, seq_len: int, dist: Dist) -> None:
+    """model.pt (the EMA weights when train.ema > 0), logs and train.json with the final bound (rank 0)."""
     cfg = params.train
-    val_nelbo = evaluate(max(1, math.ceil(min(n_valid, cfg.val_sequences) / cfg.batch_size)), cfg.val_repeats)
     val_log.append({"step": step, "val_nelbo": val_nelbo})
     with atomic(model_path(kernel_name)) as tmp:
         meta = {"vocab_size": vocab.size, "seq_len": seq_len, "model": asdict(params.model),
@@ -390,4 +386,9 @@ def _finish(params: Params, kernel_name: str, vocab: Vocab, kernel: Kernel, mode
         "train_seconds": train_seconds,
         "bound": bound_name(params.model.latent_state),
         "model": "latent-state" if params.model.latent_state else "paper",
+        "precision": "bf16 autocast" if dist.device.type == "cuda" and cfg.precision == "bf16" else "float32",
+        "validation_precision": "float32",  # the network's, whatever the training precision
+        "device": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
+        "ranks": dist.world,
+        "deterministic": cfg.deterministic,
     })

@@ -102,6 +102,9 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.01
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.98  # AdamW beta2 (MDLM / BD3-LM: 0.999)
+    adam_eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0
     t_eps: float = 1e-3
     antithetic: bool = True  # low-discrepancy t: one uniform offset per batch, strided
@@ -112,7 +115,7 @@ class TrainConfig:
     bound_steps: int = 8  # T of the discrete-time validation ELBO (docs/likelihood.md)
     ckpt_every: int = 100
     log_every: int = 10
-    threads: int = 0  # torch intra-op threads, 0 = torch default
+    threads: int = 0  # torch intra-op threads; 0 = torch default, under torchrun the node's cores // its ranks
     seed: int = 0
     devices: int = 1  # processes (GPUs); > 1: the dvc stage launches torchrun --nproc_per_node=devices
     grad_accum: int = 1  # micro-batches per optimiser step on each device; batch_size is the global batch
@@ -120,6 +123,7 @@ class TrainConfig:
     precision: str = "bf16"  # "bf16": autocast to bfloat16 on CUDA (CPU always float32); "fp32"
     compile: bool = False  # torch.compile the denoiser
     ema: float = 0.0  # EMA decay of the weights used for validation, sampling and model.pt; 0 = off
+    deterministic: bool = False  # torch.use_deterministic_algorithms (+ CUBLAS_WORKSPACE_CONFIG on CUDA)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
@@ -134,6 +138,10 @@ class TrainConfig:
         _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
         _check(self.lr > 0 and math.isfinite(self.lr), f"train.lr={self.lr} must be a positive number")
         _check(0 < self.t_eps < 1, f"train.t_eps={self.t_eps} must be in (0, 1)")
+        _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+               f"train.adam_beta1={self.adam_beta1}, adam_beta2={self.adam_beta2} must be in [0, 1) (MDLM: 0.9, 0.999)")
+        _check(self.adam_eps > 0, f"train.adam_eps={self.adam_eps} must be > 0 (MDLM: 1e-8)")
+        _check(self.threads >= 0, f"train.threads={self.threads} must be >= 0 (0 = automatic)")
         for k in ("eval_every", "eval_batches", "ckpt_every", "log_every", "val_sequences", "val_repeats",
                   "bound_steps"):
             _check(getattr(self, k) >= 1, f"train.{k}={getattr(self, k)} must be >= 1; set a positive integer")
