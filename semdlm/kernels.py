@@ -113,9 +113,10 @@ class Kernel:
         if self.is_absorbing:
             logits = logits.index_fill(-1, torch.tensor([self.mask_id], device=logits.device), float("-inf"))
         known = (state == CLEAN) if state is not None else (xt != self.mask_id) if self.is_absorbing else None
-        if known is not None:
-            copy = torch.full_like(logits, float("-inf")).scatter_(-1, xt[..., None], 0.0)
-            logits = torch.where(known[..., None], copy, logits)
+        if known is not None and bool(known.any()):
+            at = known.nonzero(as_tuple=True)  # write only the known rows: delta at x_t
+            rows = torch.full((len(at[0]), logits.shape[-1]), float("-inf"), dtype=logits.dtype, device=logits.device)
+            logits = logits.index_put(at, rows.scatter_(1, xt[at][:, None], 0.0))
         if state is not None and self.num_states > NEIGHBOUR:
             at = (state >= NEIGHBOUR).nonzero(as_tuple=True)
             if len(at[0]):
