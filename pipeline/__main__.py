@@ -13,7 +13,7 @@ from pipeline.common import load_params, stage  # noqa: E402
 
 app = typer.Typer(
     name="pipeline",
-    help="semdlm pipeline stages (tokenize -> graph -> prior -> train -> sample -> evaluate -> report -> track).",
+    help="semdlm pipeline stages (tokenize -> prior -> graph -> train -> sample -> evaluate -> report -> track).",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
