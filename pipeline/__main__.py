@@ -140,13 +140,15 @@ def track(params: str = ParamsOpt) -> None:
 def compare(out: str = typer.Option("reports/compare", "--out", help="folder for compare.md, .csv and PNGs"),
             tracking_uri: str = typer.Option(None, "--tracking-uri",
                                              help="MLflow store (default: MLFLOW_TRACKING_URI, else mlflow.db)"),
+            x: str = typer.Option(None, "--x", help="a param that varies across the runs, e.g. "
+                                  "kernels.semdlm_plus.gamma: adds val PPL and gen PPL against it (paper Figs. 1-2)"),
             ) -> None:
     """Table + figures across every tracked run (kernel x λ_sem x steps x gen PPL x entropy), from MLflow."""
     from pathlib import Path
 
     from pipeline import compare as m
 
-    m.run(Path(out), tracking_uri)
+    m.run(Path(out), tracking_uri, x)
 
 
 @app.command()
