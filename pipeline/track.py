@@ -81,12 +81,12 @@ def store_setup_lock(uri: str) -> Iterator[None]:
     if not uri.startswith("sqlite:///"):
         yield
         return
-    with open(uri.removeprefix("sqlite:///") + ".lock", "a") as lock:
+    lock = os.open(uri.removeprefix("sqlite:///") + ".lock", os.O_RDWR | os.O_CREAT, 0o644)  # empty, never an out
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        yield
+    finally:
+        os.close(lock)  # releases the lock
 
 
 KERNEL_VIEW = "kernel-runs"  # the UI opens it at #/experiments/<id>/runs?viewStateShareKey=kernel-runs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -142,14 +141,14 @@ def api(base: str, path: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-@contextlib.contextmanager
-def mlflow_running(command: str, db: Path, tmp_path: Path) -> Iterator[str]:
-    """`mlflow <command>` (server or ui) on the sqlite store ``db``; yields its base URL once /health answers."""
+@pytest.fixture(scope="module")
+def mlflow_ui(tracked, tmp_path_factory) -> Iterator[str]:
+    """`mlflow ui` on the tracked store, as the README starts it; yields its base URL once /health answers."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", command, "--backend-store-uri", f"sqlite:///{db}", "--host",
-         "127.0.0.1", "--port", str(port), "--workers", "1", "--default-artifact-root", str(tmp_path / "art")],
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{tracked}", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1", "--default-artifact-root", str(tmp_path_factory.mktemp("art"))],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 90
@@ -158,25 +157,24 @@ def mlflow_running(command: str, db: Path, tmp_path: Path) -> Iterator[str]:
                 with urllib.request.urlopen(f"{base}/health", timeout=2):
                     break
             except OSError:
-                assert server.poll() is None and time.time() < deadline, f"mlflow {command} did not start"
+                assert server.poll() is None and time.time() < deadline, "mlflow ui did not start"
                 time.sleep(0.5)
         yield base
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
-            server.wait(timeout=10)
+            server.wait(timeout=5)
         except subprocess.TimeoutExpired:  # uvicorn may wait on a browser's keep-alive connection
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=10)
 
 
-def test_mlflow_server_lists_two_experiments_that_differ_only_in_lambda_sem(tracked, tmp_path):
-    with mlflow_running("server", tracked, tmp_path) as base:
-        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=semdlm") as r:
-            exp = json.loads(r.read())["experiment"]
-        found = api(base, "/api/2.0/mlflow/runs/search", {
-            "experiment_ids": [exp["experiment_id"]],
-            "filter": "params.`sampler.lambda_freq` = '0.0' and tags.kernel = 'mask'"})["runs"]
+def test_mlflow_server_lists_two_experiments_that_differ_only_in_lambda_sem(mlflow_ui):
+    with urllib.request.urlopen(f"{mlflow_ui}/api/2.0/mlflow/experiments/get-by-name?experiment_name=semdlm") as r:
+        exp = json.loads(r.read())["experiment"]
+    found = api(mlflow_ui, "/api/2.0/mlflow/runs/search", {
+        "experiment_ids": [exp["experiment_id"]],
+        "filter": "params.`sampler.lambda_freq` = '0.0' and tags.kernel = 'mask'"})["runs"]
     by_sem = {}
     for run in found:
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
@@ -247,7 +245,7 @@ def test_compare_bad_input_is_one_line_naming_it_and_writes_nothing(tracked, tmp
     assert not (tmp_path / "out").exists() and not (tmp_path / "none").exists()
 
 
-def test_mlflow_ui_in_headless_chromium_lists_the_kernel_runs_with_gen_ppl(tracked, tmp_path):
+def test_mlflow_ui_in_headless_chromium_lists_the_kernel_runs_with_gen_ppl(tracked, mlflow_ui, tmp_path):
     """The README's link: the saved view `kernel-runs` (set by track) on the experiment's runs page, model-training
     workflow; every kernel run is listed with its gen PPL per step count in the table."""
     chromium = shutil.which("chromium")
@@ -258,14 +256,12 @@ def test_mlflow_ui_in_headless_chromium_lists_the_kernel_runs_with_gen_ppl(track
     client = MlflowClient(f"sqlite:///{tracked}")
     exp_id = client.get_experiment_by_name("semdlm").experiment_id
     kernel_runs = client.search_runs([exp_id], "tags.kernel = 'mask'")
-    shot = tmp_path / "mlflow_ui.png"
-    with mlflow_running("ui", tracked, tmp_path) as base:
-        url = f"{base}/#/experiments/{exp_id}/runs?viewStateShareKey=kernel-runs&workflowType=machine_learning"
-        browse = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--window-size=1800,900", "--virtual-time-budget=15000"]
-        dom = subprocess.run([*browse, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-        subprocess.run([*browse, f"--screenshot={shot}", url], capture_output=True, timeout=120)
-    assert shot.stat().st_size > 0  # the test's artifact, under its tmp dir
+    shot = tmp_path / "mlflow_ui.png"  # the test's artifact, under its tmp dir
+    url = f"{mlflow_ui}/#/experiments/{exp_id}/runs?viewStateShareKey=kernel-runs&workflowType=machine_learning"
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          "--window-size=1800,900", "--virtual-time-budget=15000", f"--screenshot={shot}",
+                          "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert shot.stat().st_size > 0
     text = re.sub(r"<[^>]+>", "\n", dom)
     cells = {line.strip() for line in text.splitlines()}
     assert "gen_ppl_4steps" in cells and "gen_ppl_2steps" in cells, "no gen PPL column"
@@ -274,3 +270,16 @@ def test_mlflow_ui_in_headless_chromium_lists_the_kernel_runs_with_gen_ppl(track
         assert run.info.run_name in cells
         for steps in (2, 4):
             assert repr(run.data.metrics[f"gen_ppl_{steps}steps"]) in cells, (run.info.run_name, steps)
+
+
+def test_three_processes_setting_up_a_fresh_store_at_once_all_get_the_one_experiment(tmp_path):
+    """Parallel first writes (`dvc queue start -j N` on a fresh store): without the set-up lock, MLflow's table
+    creation races ("table experiments already exists") and most such rounds fail."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = "import sys; from pipeline.track import open_experiment; print(open_experiment(sys.argv[1])[1])"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(3)]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    assert [r[0] for r in results] == [0, 0, 0], [r[2][-2000:] for r in results]
+    assert {r[1].strip() for r in results} == {"1"}
