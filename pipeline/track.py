@@ -28,7 +28,8 @@ from pipeline.report import REPORTS, collect
 from semdlm.config import Params
 
 EXPERIMENT = "semdlm"
-# MLflow 3 opens an experiment on its GenAI overview unless it is marked as model development (runs page).
+# The experiment kind the MLflow 3 UI shows (GenAI vs model training). A browser that never picked "Model training"
+# still lands on the GenAI overview (3.17): the README's link adds workflowType=machine_learning.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
