@@ -13,7 +13,8 @@ from pipeline.common import load_params, stage  # noqa: E402
 
 app = typer.Typer(
     name="pipeline",
-    help="semdlm pipeline stages (tokenize -> prior -> graph -> train -> sample -> evaluate -> report -> track).",
+    help="semdlm pipeline stages (tokenize -> prior -> graph -> train -> sample -> evaluate -> summary, report -> "
+         "track).",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
@@ -118,6 +119,15 @@ def report(params: str = ParamsOpt) -> None:
 
 @app.command()
 @stage
+def summary(params: str = ParamsOpt) -> None:
+    """Write results/summary.json (the DVC metrics: val PPL, gen PPL, entropy per kernel) and results/*.tsv."""
+    from pipeline import summary as m
+
+    m.run(load_params(params))
+
+
+@app.command()
+@stage
 def track(params: str = ParamsOpt) -> None:
     """Mirror params and metrics to MLflow (one parent run per DVC experiment, a child per kernel)."""
     from pipeline import track as m
@@ -130,13 +140,27 @@ def track(params: str = ParamsOpt) -> None:
 def compare(out: str = typer.Option("reports/compare", "--out", help="folder for compare.md, .csv and PNGs"),
             tracking_uri: str = typer.Option(None, "--tracking-uri",
                                              help="MLflow store (default: MLFLOW_TRACKING_URI, else mlflow.db)"),
+            x: str = typer.Option(None, "--x", help="a param that varies across the runs, e.g. "
+                                  "kernels.semdlm_plus.gamma: adds val PPL and gen PPL against it (paper Figs. 1-2)"),
             ) -> None:
     """Table + figures across every tracked run (kernel x λ_sem x steps x gen PPL x entropy), from MLflow."""
     from pathlib import Path
 
     from pipeline import compare as m
 
-    m.run(Path(out), tracking_uri)
+    m.run(Path(out), tracking_uri, x)
+
+
+@app.command()
+@stage
+def plots(revs: list[str] = typer.Argument(None, help="revisions / experiments to compare (default: workspace)"),
+          out: str = typer.Option("dvc_plots/index.html", "--out", help="the HTML page to write")) -> None:
+    """dvc.yaml's plots as one self-contained HTML page (static SVG, opens offline); like `dvc plots diff`."""
+    from pathlib import Path
+
+    from pipeline import plots as m
+
+    m.run(Path(out), revs or [])
 
 
 @app.command("use-profile")

@@ -3,10 +3,13 @@
 One row per (kernel run, sampling-step count) with the run's DVC experiment, kernel, sampler, λ_freq, λ_sem,
 gen PPL, entropy and the entropy flag. Figures: gen PPL vs steps per run, gen PPL vs entropy, and the
 λ_freq × λ_sem heatmaps of gen PPL and entropy (paper Figs. 4/5) for each kernel swept over both penalties.
+With ``--x <param>``: validation PPL (bound) and gen PPL against a param that varies across the tracked runs
+(paper Figs. 1-2 for ``--x kernels.semdlm_plus.gamma``).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
@@ -29,6 +32,8 @@ def kernel_runs(uri: str) -> pd.DataFrame:
     """Every kernel (child) run of the semdlm experiment, newest first, via mlflow.search_runs."""
     import mlflow
 
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise StageError(f"no MLflow store at {uri}; run `dvc repro` (its track stage) first, or pass --tracking-uri")
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     if exp is None:
@@ -39,13 +44,13 @@ def kernel_runs(uri: str) -> pd.DataFrame:
     return runs
 
 
-def table(uri: str) -> pd.DataFrame:
+def table(runs: pd.DataFrame, uri: str) -> pd.DataFrame:
     """One row per kernel run and sampling-step count (metric histories are logged with step = steps)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     rows = []
-    for _, run in kernel_runs(uri).iterrows():
+    for _, run in runs.iterrows():
         history = {m: {h.step: h.value for h in client.get_metric_history(run["run_id"], m)} for m in STEP_METRICS}
         base = {"run": run["tags.mlflow.runName"], "dvc_exp": run["tags.dvc_exp"], "kernel": run["tags.kernel"],
                 **{short: run.get(col) for col, short in PARAMS.items()}}
@@ -108,9 +113,49 @@ def plot_heatmap(g: pd.DataFrame, metric: str, title: str, path: Path) -> None:
     save_figure(fig, path)
 
 
-def run(out: Path, uri: str | None = None) -> pd.DataFrame:
+def against(runs: pd.DataFrame, x: str) -> pd.DataFrame:
+    """Newest kernel run per (kernel, value of param ``x``): kernel, x, val_ppl and gen PPL per step count
+    (the flat ``gen_ppl_<steps>steps`` metrics), sorted by x (numerically when every value is a number)."""
+    col = f"params.{x}"
+    if col not in runs.columns:
+        raise StageError(f"no tracked run has the param {x!r}; --x takes a params.yaml key, e.g. "
+                         "kernels.semdlm_plus.gamma")
+    values = runs[col].dropna().unique()
+    if len(values) < 2:
+        raise StageError(f"param {x} does not vary across the tracked runs (always {values[0]}); queue a sweep first, "
+                         f"e.g. dvc exp run --queue -S '{x}=<v1>,<v2>,<v3>' and dvc queue start")
+    gen = {c: int(m.group(1)) for c in runs.columns if (m := re.fullmatch(r"metrics\.gen_ppl_(\d+)steps", c))}
+    g = runs.dropna(subset=[col]).drop_duplicates(["tags.kernel", col])  # newest first
+    df = pd.DataFrame({"kernel": g["tags.kernel"], x: g[col], "val_ppl": g["metrics.val_ppl"],
+                       **{f"gen_ppl@{steps}": g[c] for c, steps in sorted(gen.items(), key=lambda kv: kv[1])}})
+    numeric = pd.to_numeric(df[x], errors="coerce")
+    if numeric.notna().all():
+        df[x] = numeric
+    return df.sort_values(["kernel", x]).reset_index(drop=True)
+
+
+def plot_against(df: pd.DataFrame, x: str, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    gen_cols = [c for c in df.columns if c.startswith("gen_ppl@")]
+    for kernel, g in df.groupby("kernel", sort=True):
+        xs = g[x] if pd.api.types.is_numeric_dtype(df[x]) else g[x].astype(str)
+        axes[0].plot(xs, g["val_ppl"], marker="o", label=kernel)
+        for c in gen_cols:
+            axes[1].plot(xs, g[c], marker="o", label=f"{kernel} @{c.split('@')[1]} steps")
+    for ax, name in zip(axes, ("validation PPL (bound)", "gen PPL"), strict=True):
+        ax.set_yscale("log")
+        ax.set_xlabel(x)
+        ax.set_ylabel(f"{name} (log scale)")
+        ax.set_title(f"{name} vs {x}", fontsize=9)
+        ax.legend(fontsize=6)
+    save_figure(fig, path)
+
+
+def run(out: Path, uri: str | None = None, x: str | None = None) -> pd.DataFrame:
     uri = uri or tracking_uri()
-    df = table(uri)
+    runs = kernel_runs(uri)
+    df = table(runs, uri)
+    swept = against(runs, x) if x else None
     with atomic(out) as tmp:
         tmp.mkdir()
         df.to_csv(tmp / "compare.csv", index=False, float_format="%.6g")
@@ -132,6 +177,12 @@ def run(out: Path, uri: str | None = None) -> pd.DataFrame:
                 plot_heatmap(g, metric, f"{kernel}: {name} at {steps} steps (paper Fig. {fig})",
                              tmp / f"heatmap_{metric}_{kernel}.png")
                 lines += [f"![{kernel} {name} heatmap](heatmap_{metric}_{kernel}.png)", ""]
+        if swept is not None:
+            swept.to_csv(tmp / f"sweep_{x}.csv", index=False, float_format="%.6g")
+            plot_against(swept, x, tmp / f"sweep_{x}.png")
+            lines += [f"## Validation PPL (bound) and gen PPL against {x} (paper Figs. 1-2)", "",
+                      f"Newest run per kernel and value of `{x}`: `sweep_{x}.csv`.", "", f"![sweep {x}](sweep_{x}.png)",
+                      ""]
         (tmp / "compare.md").write_text("\n".join(lines))
     print(f"wrote {out / 'compare.md'}, compare.csv and figures ({len(df)} rows from {df['run'].nunique()} runs)")
     return df

@@ -7,12 +7,15 @@ train/sample. Re-running with the same metrics changes nothing; with new metrics
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import random
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,9 @@ from pipeline.report import REPORTS, collect
 from semdlm.config import Params
 
 EXPERIMENT = "semdlm"
+# The experiment kind the MLflow 3 UI shows (GenAI vs model training). A browser that never picked "Model training"
+# still lands on the GenAI overview (3.17): the README's link adds workflowType=machine_learning.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def dvc_root() -> Path:
@@ -65,6 +71,57 @@ class Retrying:
         return call
 
 
+@contextlib.contextmanager
+def store_setup_lock(uri: str) -> Iterator[None]:
+    """Serialise the set-up of a local sqlite store (tables, experiment) across processes.
+
+    On a fresh store two parallel `track` stages (`dvc queue start -j 2`) would both create MLflow's tables
+    ("table experiments already exists") or the experiment; an exclusive lock on ``<db>.lock`` lets the first
+    one set up and the second find it. Tracking servers serialise this themselves: no lock.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = os.open(uri.removeprefix("sqlite:///") + ".lock", os.O_RDWR | os.O_CREAT, 0o644)  # empty, never an out
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)  # releases the lock
+
+
+KERNEL_VIEW = "kernel-runs"  # the UI opens it at #/experiments/<id>/runs?viewStateShareKey=kernel-runs
+
+
+def kernel_view(steps: list[int], now: int) -> str:
+    """A saved view of the MLflow UI (experiment tag ``mlflow.sharedViewState.<id>``, listed under "Views"): the
+    kernel runs only, sorted by gen PPL at the largest step count, with the headline metrics as columns."""
+    metrics = ["val_ppl", *(flat_name(m, s) for s in steps for m in FLAT_METRICS)]
+    state = {"searchFilter": "tags.kernel != ''", "orderByKey": f"metrics.`{flat_name('gen_ppl', max(steps))}`",
+             "orderByAsc": True,
+             "selectedColumns": [f"params.`sampler.{p}`" for p in ("name", "lambda_freq", "lambda_sem")]
+             + [f"metrics.`{m}`" for m in metrics]}
+    return json.dumps({"name": "kernel runs: val PPL, gen PPL, entropy", "createdAt": now, "updatedAt": now,
+                       "state": json.dumps(state)})
+
+
+def open_experiment(uri: str) -> tuple[Any, str]:
+    """A retrying client of the store and the semdlm experiment's id, created (marked as model development) when
+    the store has none. MlflowClient creates a fresh store's tables as it starts: it starts under the lock."""
+    from mlflow.tracking import MlflowClient
+
+    with store_setup_lock(uri):
+        client = Retrying(MlflowClient(uri))
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        if exp is None:  # artifacts beside the db, by absolute path, unless a tracking server is configured
+            store = None if os.environ.get("MLFLOW_TRACKING_URI") else (dvc_root() / "mlartifacts").as_uri()
+            return client, client.create_experiment(EXPERIMENT, artifact_location=store, tags=EXPERIMENT_TAGS)
+        for key, value in EXPERIMENT_TAGS.items():  # stores made before the tag existed
+            if exp.tags.get(key) != value:
+                client.set_experiment_tag(exp.experiment_id, key, value)
+        return client, exp.experiment_id
+
+
 def git_rev() -> str:
     if os.environ.get("DVC_EXP_BASELINE_REV"):
         return os.environ["DVC_EXP_BASELINE_REV"]
@@ -95,12 +152,18 @@ RUN_METRICS = ("val_nelbo", "val_ppl", "tokens_per_s", "train_s", "parameters", 
                "evaluate_s")
 STEP_METRICS = ("gen_ppl", "entropy", "distinct_1", "distinct_2", "distinct_3", "repeated_4gram",
                 "below_min_entropy", "eval_tokens", "num_texts", "nfe", "sample_s")
+FLAT_METRICS = ("gen_ppl", "entropy")  # also logged per step count under a flat name (flat_name)
 DISPERSION_METRICS = ("dispersion", "mean_posterior_entropy", "grad_var_between", "grad_noise")
+
+
+def flat_name(metric: str, steps: int) -> str:
+    return f"{metric}_{steps}steps"
 
 
 def kernel_metrics(rows: pd.DataFrame, disp: dict, now: int) -> list:
     """A kernel's report rows as MLflow metrics named like the report's columns. Per-step-count metrics are
-    logged with step = sampling steps (the UI plots Fig. 7; the latest value is the largest step count)."""
+    logged with step = sampling steps (the UI plots Fig. 7; the latest value is the largest step count), and the
+    headline ones once more under flat names for the runs table: gen_ppl_48steps, entropy_48steps."""
     from mlflow.entities import Metric
 
     top = rows.loc[rows["steps"].idxmax()]
@@ -108,6 +171,8 @@ def kernel_metrics(rows: pd.DataFrame, disp: dict, now: int) -> list:
     batch += [Metric(m, float(disp[m]), now, 0) for m in DISPERSION_METRICS]
     batch += [Metric("dispersion_s", float(disp["wall_s"]), now, 0)]
     batch += [Metric(m, float(r[m]), now, int(r["steps"])) for _, r in rows.iterrows() for m in STEP_METRICS]
+    batch += [Metric(flat_name(m, int(r["steps"])), float(r[m]), now, 0) for _, r in rows.iterrows()
+              for m in FLAT_METRICS]
     return batch
 
 
@@ -131,9 +196,6 @@ def _log_child(client, exp_id: str, parent_id: str, run_name: str, tags: dict, p
 
 
 def run(params: Params) -> None:
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
     exp_name = os.environ.get("DVC_EXP_NAME") or "workspace"
     flat = flatten({k: v for k, v in asdict(params).items()})
     results = collect(params)
@@ -144,14 +206,8 @@ def run(params: Params) -> None:
     rev = git_rev()
     key = hashlib.sha256(json.dumps([exp_name, rev, flat], sort_keys=True, default=str).encode()).hexdigest()[:16]
     content = hashlib.sha256(json.dumps([payloads, reference], sort_keys=True, default=str).encode()).hexdigest()[:16]
-    mlflow.set_tracking_uri(tracking_uri())
-    client = Retrying(MlflowClient())
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    if exp is None:  # artifacts beside the db, by absolute path, unless a tracking server is configured
-        store = None if os.environ.get("MLFLOW_TRACKING_URI") else (dvc_root() / "mlartifacts").as_uri()
-        exp_id = client.create_experiment(EXPERIMENT, artifact_location=store)
-    else:
-        exp_id = exp.experiment_id
+    uri = tracking_uri()
+    client, exp_id = open_experiment(uri)
     existing = client.search_runs([exp_id], f"tags.`semdlm.key` = '{key}'")
     if any(r.data.tags.get("semdlm.content") == content for r in existing):
         print(f"MLflow already holds this experiment ({exp_name}, key {key}); nothing to do")
@@ -176,7 +232,9 @@ def run(params: Params) -> None:
     client.log_artifacts(pid, str(REPORTS / "figures"), "figures")
     client.log_artifact(pid, str(DISPERSION))
     models = results[results["kind"] == "model"]
+    client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{KERNEL_VIEW}",
+                              kernel_view(sorted({int(n) for n in models["steps"]}), now))
     for k in params.kernels:
         _log_child(client, exp_id, pid, run_name, tags, flat, k, models[models["row"] == k], disp[k])
     client.set_terminated(pid)
-    print(f"logged {run_name} with {len(params.kernels)} kernel run(s) to {tracking_uri()}")
+    print(f"logged {run_name} with {len(params.kernels)} kernel run(s) to {uri}")

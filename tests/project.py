@@ -18,7 +18,8 @@ COPIED = ("dvc.yaml", "pipeline", "semdlm", ".dvcignore", ".gitignore", "pyproje
 TRAIN = {"steps": 12, "ckpt_every": 3, "log_every": 2, "eval_every": 4}
 KERNELS = {"mask": {}, "semdlm_plus": {"k_max": 4}}
 # What a sampler-only experiment re-runs (everything upstream is reused).
-SAMPLING_SIDE = {"sample@mask", "evaluate@mask", "sample@semdlm_plus", "evaluate@semdlm_plus", "report", "track"}
+SAMPLING_SIDE = {"sample@mask", "evaluate@mask", "sample@semdlm_plus", "evaluate@semdlm_plus", "summary", "report",
+                 "track"}
 # Keys (JSON) and columns (TSV) of the metrics files that are wall-clock measurements of the machine, not results
 # of the experiment: excluded when two runs are compared (docs/reliability.md).
 WALL_TIME_KEYS = frozenset({"train_seconds", "tokens_per_s", "wall_s", "samples_per_s"})
@@ -56,6 +57,7 @@ def new_project(repo: Path, evaluator: Path) -> Path:
     sh("git", "init", "-q", cwd=repo)
     sh("dvc", "init", "-q", cwd=repo)
     sh("dvc", "config", "core.analytics", "false", cwd=repo)
+    shutil.copytree(REPO / ".dvc/plots", repo / ".dvc/plots")  # the plot templates dvc.yaml names
     commit(repo, "init")
     return repo
 

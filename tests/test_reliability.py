@@ -182,9 +182,13 @@ def experiments(repo: Path) -> dict[str, dict]:
     return found
 
 
-def test_two_queued_experiments_run_in_parallel_and_land_apart_in_mlflow(baseline, tmp_path):
-    repo = copy_of(baseline, tmp_path)
-    parents_before = {r.info.run_id for r in mlflow_runs(repo)[0]}
+@pytest.fixture(scope="module")
+def queued(baseline, tmp_path_factory) -> Path:
+    """A copy of the baseline with no MLflow store yet, and two experiments, lambda_sem = 0.0 and 0.5, queued and
+    run by `dvc queue start -j 2` (both `track` stages create the store at once)."""
+    repo = copy_of(baseline, tmp_path_factory.mktemp("queued"))
+    (repo / "mlflow.db").unlink()
+    shutil.rmtree(repo / "mlartifacts")
     for value in ("0.0", "0.5"):
         sh("dvc", "exp", "run", "--queue", "-S", f"sampler.lambda_sem={value}", cwd=repo)
     sh("dvc", "queue", "start", "-j", "2", cwd=repo)
@@ -193,13 +197,17 @@ def test_two_queued_experiments_run_in_parallel_and_land_apart_in_mlflow(baselin
         assert time.monotonic() < deadline, status
         time.sleep(2)
     assert status.count("Success") == 2, status
+    return repo
 
+
+def test_two_queued_experiments_run_in_parallel_and_land_apart_in_mlflow(queued):
+    repo = queued
     exps = experiments(repo)
     by_lambda = {e["params"]["sampler"]["lambda_sem"]: (name, e) for name, e in exps.items()}
     assert len(exps) == 2 and set(by_lambda) == {0.0, 0.5}, exps
     parents, children = mlflow_runs(repo)
-    new = {p.data.tags["dvc_exp"]: p for p in parents if p.info.run_id not in parents_before}
-    assert len(new) == 2
+    new = {p.data.tags["dvc_exp"]: p for p in parents}
+    assert len(parents) == 2 and len(new) == 2
     for lam, (name, e) in by_lambda.items():
         # the trained models are reused; lambda_sem=0.0 is the baseline's value, so only `track` (always changed) runs
         assert ran(sh("dvc", "queue", "logs", name, cwd=repo)) == (SAMPLING_SIDE if lam else {"track"})
@@ -207,13 +215,30 @@ def test_two_queued_experiments_run_in_parallel_and_land_apart_in_mlflow(baselin
         assert parent.info.status == "FINISHED" and parent.data.params["sampler.lambda_sem"] == str(lam)
         kids = {c.data.tags["kernel"]: c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id}
         assert set(kids) == {"mask", "semdlm_plus"}
+        summary = e["metrics"]["results/summary.json"]
         for k, child in kids.items():  # each child holds its own experiment's numbers, complete
             assert child.info.status == "FINISHED"
             assert child.data.params["sampler.lambda_sem"] == str(lam)
-            by_steps = e["metrics"][f"metrics/{k}/eval.json"]["by_steps"]
-            assert child.data.metrics["gen_ppl"] == by_steps[max(by_steps, key=int)]["gen_ppl"]
-            assert child.data.metrics["val_nelbo"] == e["metrics"][f"metrics/{k}/train.json"]["val_nelbo"]
+            assert child.data.metrics["gen_ppl"] == child.data.metrics["gen_ppl_4steps"] == summary[k]["gen_ppl@4"]
+            assert child.data.metrics["val_ppl"] == summary[k]["val_ppl"]
             assert "curve.loss" in child.data.metrics
+
+
+def test_exp_show_only_changed_and_exp_diff_fit_one_screen(queued):
+    """Two experiments that differ only in sampler.lambda_sem: the changed param and, per kernel, gen PPL and
+    entropy at each step count (+ the validation PPL with --keep), no wall time, no string."""
+    repo = queued
+    per_kernel = [f"{k}.{m}@4" for k in ("mask", "semdlm_plus") for m in ("gen_ppl", "entropy")]
+    header = sh("dvc", "exp", "show", "--only-changed", "--csv", cwd=repo).splitlines()[0].split(",")
+    assert len(header) <= 40 and "sampler.lambda_sem" in header and set(per_kernel) <= set(header), header
+    kept = sh("dvc", "exp", "show", "--only-changed", "--keep", ".*val_ppl", "--csv", cwd=repo).splitlines()[0]
+    assert len(kept.split(",")) <= 40 and {"mask.val_ppl", "semdlm_plus.val_ppl"} <= set(kept.split(",")), kept
+    assert not [c for c in header if c.endswith(("_s", "seconds", "tokens_per_s", "kernel", "bound"))], header
+    name = next(n for n, e in experiments(repo).items() if e["params"]["sampler"]["lambda_sem"] == 0.5)
+    diff = sh("dvc", "exp", "diff", "HEAD", name, cwd=repo).strip().splitlines()
+    assert len(diff) <= 15, diff
+    for key in [*per_kernel, "sampler.lambda_sem"]:
+        assert any(key in line.split() for line in diff), (key, diff)
 
 
 def test_a_typo_in_a_dash_s_key_stops_dvc_exp_run_naming_the_key(baseline, tmp_path):

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +30,14 @@ GRID = [(0.0, 0.0), (0.0, 0.5), (0.5, 0.0), (0.5, 0.5)]  # (lambda_freq, lambda_
 def invoke(*args: str) -> None:
     res = CliRunner().invoke(app, list(args))
     assert res.exit_code == 0, res.output
+
+
+def bad_input(*args: str) -> str:
+    """The one line a command prints on bad input (exit code 2, no traceback)."""
+    res = CliRunner().invoke(app, list(args))
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    return res.output.strip()
 
 
 def set_sampler(ws: Path, **values) -> None:
@@ -71,6 +84,17 @@ def test_report_rebuilt_from_the_same_metrics_is_byte_identical(ws):
     first = (ws / "reports/report.md").read_bytes()
     invoke("report")
     assert (ws / "reports/report.md").read_bytes() == first
+
+
+def test_summary_holds_val_ppl_gen_ppl_and_entropy_per_kernel_and_step_count_and_nothing_else(ws):
+    invoke("summary")
+    summary = json.loads((ws / "results/summary.json").read_text())
+    train = json.loads((ws / "metrics/mask/train.json").read_text())
+    evals = json.loads((ws / "metrics/mask/eval.json").read_text())["by_steps"]
+    assert summary == {"mask": {"val_ppl": train["val_ppl"], **{f"{m}@{s}": evals[s][m] for s in ("2", "4")
+                                                                for m in ("gen_ppl", "entropy")}}}
+    generation = pd.read_csv(ws / "results/generation.tsv", sep="\t")
+    assert list(generation["steps"]) == [2, 4] and list(generation["kernel"]) == ["mask", "mask"]
 
 
 def test_rows_below_min_entropy_are_marked_not_hidden_where_the_threshold_can_be_met(ws):
@@ -124,12 +148,14 @@ def api(base: str, path: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
-def test_mlflow_server_lists_two_experiments_that_differ_only_in_lambda_sem(tracked, tmp_path):
+@pytest.fixture(scope="module")
+def mlflow_ui(tracked, tmp_path_factory) -> Iterator[str]:
+    """`mlflow ui` on the tracked store, as the README starts it; yields its base URL once /health answers."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tracked}", "--host",
-         "127.0.0.1", "--port", str(port), "--workers", "1", "--default-artifact-root", str(tmp_path / "art")],
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{tracked}", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1", "--default-artifact-root", str(tmp_path_factory.mktemp("art"))],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 90
@@ -138,16 +164,24 @@ def test_mlflow_server_lists_two_experiments_that_differ_only_in_lambda_sem(trac
                 with urllib.request.urlopen(f"{base}/health", timeout=2):
                     break
             except OSError:
-                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+                assert server.poll() is None and time.time() < deadline, "mlflow ui did not start"
                 time.sleep(0.5)
-        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=semdlm") as r:
-            exp = json.loads(r.read())["experiment"]
-        found = api(base, "/api/2.0/mlflow/runs/search", {
-            "experiment_ids": [exp["experiment_id"]],
-            "filter": "params.`sampler.lambda_freq` = '0.0' and tags.kernel = 'mask'"})["runs"]
+        yield base
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # uvicorn may wait on a browser's keep-alive connection
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+
+
+def test_mlflow_server_lists_two_experiments_that_differ_only_in_lambda_sem(mlflow_ui):
+    with urllib.request.urlopen(f"{mlflow_ui}/api/2.0/mlflow/experiments/get-by-name?experiment_name=semdlm") as r:
+        exp = json.loads(r.read())["experiment"]
+    found = api(mlflow_ui, "/api/2.0/mlflow/runs/search", {
+        "experiment_ids": [exp["experiment_id"]],
+        "filter": "params.`sampler.lambda_freq` = '0.0' and tags.kernel = 'mask'"})["runs"]
     by_sem = {}
     for run in found:
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
@@ -156,7 +190,8 @@ def test_mlflow_server_lists_two_experiments_that_differ_only_in_lambda_sem(trac
     for ls, run in by_sem.items():
         assert run["info"]["run_name"] == f"exp-f0.0-s{ls}/mask"
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-        for key in ("gen_ppl", "entropy", "distinct_2", "val_nelbo", "dispersion", "grad_var_between"):
+        for key in ("gen_ppl", "entropy", "distinct_2", "val_nelbo", "dispersion", "grad_var_between",
+                    "gen_ppl_2steps", "gen_ppl_4steps", "entropy_4steps"):
             assert key in metrics, key
         tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
         assert {"kernel", "sampler", "evaluator", "git_rev", "dvc_exp"} <= set(tags)
@@ -173,3 +208,85 @@ def test_compare_builds_the_cross_experiment_table_and_the_penalty_heatmaps(trac
     for name in ("genppl_steps.png", "genppl_entropy.png", "heatmap_gen_ppl_mask.png", "heatmap_entropy_mask.png"):
         assert (out / name).stat().st_size > 0, name
     assert "heatmap_gen_ppl_mask.png" in (out / "compare.md").read_text()
+
+
+def test_experiment_is_marked_model_training_and_flat_gen_ppl_names_equal_the_step_history(tracked):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tracked}")
+    exp = client.get_experiment_by_name("semdlm")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    run = client.search_runs([exp.experiment_id], "tags.kernel = 'mask'")[0]
+    for metric in ("gen_ppl", "entropy"):
+        history = {h.step: h.value for h in client.get_metric_history(run.info.run_id, metric)}
+        assert {steps: run.data.metrics[f"{metric}_{steps}steps"] for steps in (2, 4)} == history
+
+
+def test_compare_x_plots_val_ppl_and_gen_ppl_against_a_param_that_varies(tracked, tmp_path):
+    out = tmp_path / "compare"
+    invoke("compare", "--out", str(out), "--tracking-uri", f"sqlite:///{tracked}", "--x", "sampler.lambda_sem")
+    swept = pd.read_csv(out / "sweep_sampler.lambda_sem.csv")
+    assert list(swept.columns) == ["kernel", "sampler.lambda_sem", "val_ppl", "gen_ppl@2", "gen_ppl@4"]
+    assert list(swept["sampler.lambda_sem"]) == [0.0, 0.5]  # newest run per value, sorted numerically
+    assert swept[["val_ppl", "gen_ppl@2", "gen_ppl@4"]].notna().all().all()
+    assert (out / "sweep_sampler.lambda_sem.png").stat().st_size > 0
+    assert "sweep_sampler.lambda_sem.png" in (out / "compare.md").read_text()
+
+
+@pytest.mark.parametrize(("case", "fragment"), [
+    ("missing store", "no MLflow store at"),
+    ("empty store", "no MLflow experiment 'semdlm'"),
+    ("--x names no param", "no tracked run has the param 'kernels.semdlm_plus.gama'"),
+    ("--x does not vary", "param model.d_model does not vary across the tracked runs"),
+])
+def test_compare_bad_input_is_one_line_naming_it_and_writes_nothing(tracked, tmp_path, case, fragment):
+    from mlflow.tracking import MlflowClient
+
+    db = {"missing store": tmp_path / "none" / "mlflow.db", "empty store": tmp_path / "mlflow.db"}.get(case, tracked)
+    if case == "empty store":
+        MlflowClient(f"sqlite:///{db}").search_experiments()  # creates the tables, no experiment
+    x = {"--x names no param": ["--x", "kernels.semdlm_plus.gama"], "--x does not vary": ["--x", "model.d_model"]}
+    line = bad_input("compare", "--out", str(tmp_path / "out"), "--tracking-uri", f"sqlite:///{db}",
+                     *x.get(case, []))
+    assert line.startswith("error: ") and fragment in line, line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "none").exists()
+
+
+def test_mlflow_ui_in_headless_chromium_lists_the_kernel_runs_with_gen_ppl(tracked, mlflow_ui, tmp_path):
+    """The README's link: the saved view `kernel-runs` (set by track) on the experiment's runs page, model-training
+    workflow; every kernel run is listed with its gen PPL per step count in the table."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tracked}")
+    exp_id = client.get_experiment_by_name("semdlm").experiment_id
+    kernel_runs = client.search_runs([exp_id], "tags.kernel = 'mask'")
+    shot = tmp_path / "mlflow_ui.png"  # the test's artifact, under its tmp dir
+    url = f"{mlflow_ui}/#/experiments/{exp_id}/runs?viewStateShareKey=kernel-runs&workflowType=machine_learning"
+    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          "--window-size=1800,900", "--virtual-time-budget=15000", f"--screenshot={shot}",
+                          "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert shot.stat().st_size > 0
+    text = re.sub(r"<[^>]+>", "\n", dom)
+    cells = {line.strip() for line in text.splitlines()}
+    assert "gen_ppl_4steps" in cells and "gen_ppl_2steps" in cells, "no gen PPL column"
+    assert len(kernel_runs) == len(GRID)
+    for run in kernel_runs:  # the run's name and its gen PPL values, as table cells
+        assert run.info.run_name in cells
+        for steps in (2, 4):
+            assert repr(run.data.metrics[f"gen_ppl_{steps}steps"]) in cells, (run.info.run_name, steps)
+
+
+def test_three_processes_setting_up_a_fresh_store_at_once_all_get_the_one_experiment(tmp_path):
+    """Parallel first writes (`dvc queue start -j N` on a fresh store): without the set-up lock, MLflow's table
+    creation races ("table experiments already exists") and most such rounds fail."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = "import sys; from pipeline.track import open_experiment; print(open_experiment(sys.argv[1])[1])"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(3)]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    assert [r[0] for r in results] == [0, 0, 0], [r[2][-2000:] for r in results]
+    assert {r[1].strip() for r in results} == {"1"}
