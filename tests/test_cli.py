@@ -16,7 +16,7 @@ from tests.tiny import write_params
 
 runner = CliRunner()
 COMMANDS = ["tokenize", "graph", "prior", "train", "sample", "evaluator", "evaluate", "reference", "dispersion",
-            "report", "track", "compare", "use-profile"]
+            "summary", "plots", "report", "track", "compare", "use-profile"]
 
 
 @contextlib.contextmanager
