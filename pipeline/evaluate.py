@@ -53,7 +53,8 @@ def run(cfg: EvalConfig, kernel_name: str) -> None:
         for steps, g in df.groupby("steps", sort=True)
     }
     write_json(metrics_dir(kernel_name) / "eval.json",
-               {**provenance(cfg), "wall_s": time.perf_counter() - start, "by_steps": by_steps})
+               {**provenance(cfg), "device": str(e.device), "wall_s": time.perf_counter() - start,
+                "by_steps": by_steps})
 
 
 def reference(cfg: EvalConfig, seed: int = 0) -> None:
@@ -69,5 +70,5 @@ def reference(cfg: EvalConfig, seed: int = 0) -> None:
     for name, ids in (("heldout_text", valid), ("unigram_samples", unigram)):
         ids_list = ids.tolist()
         rows[name] = score(e, decode(vocab, ids_list), ids_list, cfg, f"reference {name}")
-    rows.update(provenance(cfg))
+    rows.update(provenance(cfg), device=str(e.device))
     write_json(REFERENCE, rows)

@@ -44,7 +44,7 @@ def gen_ppl(
 ) -> GenPPL:
     """Token-weighted NLL of every chunk's tokens 2..n given the previous ones; PPL = exp(sum NLL / #tokens).
 
-    ``logits_fn(ids [B, T], attention_mask [B, T]) -> logits [B, T, V]``.
+    ``logits_fn(ids [B, T], attention_mask [B, T]) -> logits [B, T, V]`` on any device (the NLL is computed there).
     """
     if not chunks:
         raise ValueError("no text to score: every sample decoded to fewer than 2 evaluator tokens")
@@ -58,7 +58,7 @@ def gen_ppl(
             ids[i, : len(c)] = torch.tensor(c)
             att[i, : len(c)] = 1
         logits = logits_fn(ids, att).float()
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(logits.device), reduction="none").cpu()
         scored = att[:, 1:].float()
         total += float((nll * scored).sum())
         count += int(scored.sum())
