@@ -42,14 +42,13 @@ def gradient(model: torch.nn.Module, kernel: Kernel, x0: torch.Tensor, xt: torch
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
-def measure(params: Params, kernel_name: str, vocab: Vocab, m: torch.Tensor, valid: torch.Tensor) -> dict:
-    """Fig. 3 numbers of one kernel on the device of ``valid``; ``m`` is the train unigram (the per-token data law
-    of the posterior)."""
-    cfg, device = params.dispersion, valid.device
+def measure(params: Params, kernel_name: str, vocab: Vocab, m: torch.Tensor, x0: torch.Tensor) -> dict:
+    """Fig. 3 numbers of one kernel on the device of ``x0`` (2 x dispersion.sequences validation rows); ``m`` is the
+    train unigram (the per-token data law of the posterior)."""
+    cfg, device = params.dispersion, x0.device
     kernel = on_device(load_kernel(kernel_name, params, vocab), device)
     model = load_denoiser(kernel_name).to(device)
     n = cfg.sequences
-    x0 = valid[: 2 * n]
     times = midpoint_times(cfg.times, params.train.t_eps)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
@@ -76,5 +75,5 @@ def run(params: Params) -> None:
         )
     vocab = load_vocab()
     m = load_unigram(vocab).to(device)
-    valid = valid[: 2 * params.dispersion.sequences].to(device)
-    write_json(DISPERSION, {k: measure(params, k, vocab, m, valid) for k in params.kernels})
+    x0 = valid[: 2 * params.dispersion.sequences].to(device)
+    write_json(DISPERSION, {k: measure(params, k, vocab, m, x0) for k in params.kernels})

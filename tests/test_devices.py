@@ -13,7 +13,6 @@ from pipeline.common import StageError, in_precision, resolve_device
 from semdlm.config import ConfigError, ModelConfig, SamplerConfig, parse_params
 from semdlm.kernels import masking
 from semdlm.model import Denoiser
-from semdlm.penalties import penalise, penalty, window_tokens
 from semdlm.samplers import ancestral
 
 
@@ -107,28 +106,3 @@ def test_stage_sampling_on_the_cpu_is_the_library_sampler_with_a_cpu_generator(n
         assert got == want, value
     other, _, _ = draw(model, 8, kernel, dataclasses.replace(cfg, seed=4), None, None, torch.device("cpu"))
     assert other != want  # the comparison can fail: the seed matters
-
-
-def test_penalty_transform_is_eq23_on_the_window_and_none_when_off():
-    assert penalty(0.0, 0.0, 4) is None
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 6, (2, 7), generator=gen)
-    pos = torch.tensor([[0, 0], [1, 3], [1, 6]])
-    logits = torch.randn(3, 6, generator=gen)
-    nb = torch.tensor([[1, 2], [0, 2], [1, 0], [4, 5], [3, 5], [4, 3]])
-    sims = torch.rand(6, 2, generator=gen, dtype=torch.float64)
-    got = penalty(0.5, 1.5, 2, nb, sims)(logits, x, pos)
-    assert got.dtype == torch.float64
-    torch.testing.assert_close(got, penalise(logits.double(), window_tokens(x, pos, 2), 0.5, 1.5, nb, sims),
-                               rtol=0, atol=0)
-
-
-def test_penalties_make_every_tensor_on_the_device_of_their_inputs():
-    """On the meta device a tensor made on the CPU would meet the inputs and raise: every one follows them."""
-    meta = torch.device("meta")
-    x = torch.zeros(2, 7, dtype=torch.long, device=meta)
-    pos = torch.zeros(3, 2, dtype=torch.long, device=meta)
-    nb = torch.zeros(6, 2, dtype=torch.long, device=meta)
-    sims = torch.zeros(6, 2, dtype=torch.float64, device=meta)
-    out = penalty(0.5, 1.5, 2, nb, sims)(torch.zeros(3, 6, device=meta), x, pos)
-    assert out.device == meta and out.shape == (3, 6) and out.dtype == torch.float64
