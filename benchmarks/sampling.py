@@ -52,15 +52,18 @@ def timed(device: torch.device, fn: Callable[..., SampleResult], *args: object) 
     return res, time.perf_counter() - t0
 
 
-def run_sampler(name: str, denoise: Denoise, kernel: Kernel, num: int, L: int, S: int, cfg: SamplerConfig,
-                gen: torch.Generator, x0: torch.Tensor, transform: Transform | None) -> SampleResult:
-    """One batch with the library sampler ``name`` (``ancestral_plain``: ancestral without the cache)."""
+def run_sampler(name: str, denoise: Denoise, latent: bool, kernel: Kernel, num: int, L: int, S: int,
+                cfg: SamplerConfig, gen: torch.Generator, x0: torch.Tensor,
+                transform: Transform | None) -> SampleResult:
+    """One batch with the library sampler ``name`` (``ancestral_plain``: ancestral without the cache); ``latent``:
+    the model sees each token's latent state."""
     if name == "blockwise":
         return blockwise(denoise, kernel, num, L, S, cfg.strides, gen, x0, cfg.top_p, cfg.rho, cfg.freeze_threshold,
-                         transform, None, cfg.top_k)
+                         transform, None, cfg.top_k, latent=latent)
     if name == "tau_leaping":
-        return tau_leaping(denoise, kernel, num, L, S, gen, transform=transform, x0_dist=x0)
-    return ancestral(denoise, kernel, num, L, S, gen, x0, transform=transform, cache=name == "ancestral")
+        return tau_leaping(denoise, kernel, num, L, S, gen, transform=transform, x0_dist=x0, latent=latent)
+    return ancestral(denoise, kernel, num, L, S, gen, x0, transform=transform, cache=name == "ancestral",
+                     latent=latent)
 
 
 def run_params(args: argparse.Namespace, device: torch.device) -> dict:
@@ -79,8 +82,8 @@ def run_params(args: argparse.Namespace, device: torch.device) -> dict:
         for S in (32, 64, 128):
             for name in names:
                 gen = torch.Generator(device=device).manual_seed(0)
-                res, wall = timed(device, run_sampler, name, denoise, kernel, args.num, model.seq_len, S, cfg, gen, x0,
-                                  None)
+                res, wall = timed(device, run_sampler, name, denoise, model.num_states > 0, kernel, args.num,
+                                  model.seq_len, S, cfg, gen, x0, None)
                 rows.append({"kernel": kname, "sampler": name, "seq_len": model.seq_len, "batch": args.num,
                              "steps": S, "nfe": res.nfe, "nfe_over_steps": res.nfe / S, "wall_s": wall,
                              "samples_per_s": args.num / wall})
@@ -108,18 +111,22 @@ def run_paper(args: argparse.Namespace, device: torch.device) -> dict:
     x0 = torch.ones(V, dtype=torch.float64, device=device)
     x0[-1] = 0.0  # x_0 never [MASK]
     x0 /= x0.sum()
+    # the latent-state model: one state table that serves both kernels (its size does not change the cost)
+    states = max(k.num_states for k in kernels.values()) if model_cfg.latent_state else 0
     rows = []
     for L in (int(x) for x in args.lengths.split(",")):
         B = args.batch or (64 if L <= 128 else 32)
         torch.manual_seed(0)
-        model = Denoiser(V, L, model_cfg, V - 1).to(device).eval()
+        model = Denoiser(V, L, model_cfg, V - 1, states).to(device).eval()
         denoise = in_precision(model, device, precision)
         with torch.no_grad():  # warm-up: CUDA context, kernels and allocator before the first timing
-            denoise(torch.zeros(B, L, dtype=torch.long, device=device), torch.ones(B, device=device))
+            zeros = torch.zeros(B, L, dtype=torch.long, device=device)
+            denoise(zeros, torch.ones(B, device=device), zeros if states else None)
         for kname, kernel in kernels.items():
             for name in args.samplers.split(","):
                 g = torch.Generator(device=device).manual_seed(0)
-                res, wall = timed(device, run_sampler, name, denoise, kernel, B, L, args.steps, cfg, g, x0, transform)
+                res, wall = timed(device, run_sampler, name, denoise, states > 0, kernel, B, L, args.steps, cfg, g, x0,
+                                  transform)
                 row = {"kernel": kname, "sampler": name, "seq_len": L, "batch": B, "steps": args.steps, "nfe": res.nfe,
                        "nfe_over_steps": res.nfe / args.steps, "wall_s": wall, "samples_per_s": B / wall,
                        "s_per_step": wall / args.steps}

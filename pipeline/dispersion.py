@@ -27,17 +27,18 @@ from semdlm.config import Params
 from semdlm.dispersion import between_t_variance, dispersion, mean_posterior_entropy, midpoint_times
 from semdlm.kernels import Kernel
 from semdlm.loss import token_ce
-from semdlm.model import carry_over_mask
+from semdlm.model import Denoiser
 
 
-def gradient(model: torch.nn.Module, kernel: Kernel, x0: torch.Tensor, xt: torch.Tensor, t: float,
-             precision: str) -> torch.Tensor:
+def gradient(model: Denoiser, kernel: Kernel, x0: torch.Tensor, xt: torch.Tensor, state: torch.Tensor,
+             t: float, precision: str) -> torch.Tensor:
     """Flattened d L_t / d theta on one batch (the unweighted denoising CE of the paper's Sec. 3.2.3), on the
     device of ``x0`` in the training ``precision``."""
     model.zero_grad(set_to_none=True)
+    seen = state if model.num_states else None
     with autocast(x0.device, precision):
-        logits = model(xt, torch.full((x0.shape[0],), t, dtype=torch.float32, device=x0.device))
-        ce = token_ce(logits, x0, carry_over_mask(xt, None, kernel.mask_id))
+        logits = model(xt, torch.full((x0.shape[0],), t, dtype=torch.float32, device=x0.device), seen)
+        ce = token_ce(kernel.constrain(logits, xt, seen), x0)
     ce.mean().backward()
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
@@ -54,10 +55,10 @@ def measure(params: Params, kernel_name: str, vocab: Vocab, m: torch.Tensor, x0:
     start = time.perf_counter()
     h, ga, gb = [], [], []
     for t in times.tolist():
-        xt = kernel.sample_xt(x0, torch.full((x0.shape[0],), t, dtype=torch.float64, device=device), gen)
+        xt, state = kernel.corrupt(x0, torch.full((x0.shape[0],), t, dtype=torch.float64, device=device), gen)
         h.append(mean_posterior_entropy(kernel, m, xt, t))
-        ga.append(gradient(model, kernel, x0[:n], xt[:n], t, params.train.precision))
-        gb.append(gradient(model, kernel, x0[n:], xt[n:], t, params.train.precision))
+        ga.append(gradient(model, kernel, x0[:n], xt[:n], state[:n], t, params.train.precision))
+        gb.append(gradient(model, kernel, x0[n:], xt[n:], state[n:], t, params.train.precision))
     h = torch.tensor(h, dtype=torch.float64)
     between, noise = between_t_variance(torch.stack(ga), torch.stack(gb))
     return {"times": times.tolist(), "posterior_entropy": h.tolist(), "dispersion": dispersion(h),

@@ -1,41 +1,87 @@
 """evaluate@<kernel> and reference: generative perplexity + diversity of texts, by one scoring function.
 
 Reference rows, computed by the same code: held-out validation text (a floor for gen PPL) and sequences
-drawn from the train unigram distribution (a ceiling), so every model can be placed between them.
+drawn from the train unigram distribution (a ceiling), so every model can be placed between them. Samples and
+reference rows are turned into text by the same ``decode`` (special tokens kept as text, as MDLM does), so a
+reference row is scored on exactly what a perfect model of the vocabulary would emit.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from pipeline import assets
 from pipeline import evaluator as ev
-from pipeline.artifacts import REFERENCE, load_prior, load_split, load_vocab, metrics_dir, samples_path
+from pipeline.artifacts import REFERENCE, Vocab, load_prior, load_split, load_vocab, metrics_dir, samples_path
 from pipeline.common import StageError, read_parquet, write_json
-from pipeline.sample import decode
 from semdlm.config import EvalConfig
-from semdlm.metrics import diversity, gen_ppl, retokenize
+from semdlm.metrics import GenPPL, diversity, gen_ppl, gen_ppl_mdlm, mdlm_rows, retokenize
 
-PROTOCOL = "retokenize: [BOS] text [EOS] by the evaluator tokenizer, context chunks, token-weighted NLL"
+PROTOCOLS = {
+    "mdlm": "MDLM compute_generative_perplexity: evaluator tokens with the tokenizer's defaults (GPT-2: no BOS), "
+            "truncated to the model length, right-padded with EOS, every non-EOS token and the first EOS scored, "
+            "token-weighted NLL",
+    "windows": "[BOS] text [EOS] by the evaluator tokenizer, windows of the evaluator context overlapping by one "
+               "token, token-weighted NLL",
+}
 
 
-def score(e: ev.Evaluator, texts: list[str], ids: list[list[int]], cfg: EvalConfig, label: str) -> dict:
-    """Gen PPL of ``texts`` under the evaluator and diversity of the model-vocabulary ``ids``."""
+@functools.cache
+def _bert_decoder():  # noqa: ANN202 - transformers type
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=assets.tokenizer())
+
+
+def decode(vocab: Vocab, rows: list[list[int]]) -> list[str]:
+    """Model ids -> text as MDLM / BD3-LM decode samples (transformers ``batch_decode`` of bert-base-uncased):
+    every special token stays as text ("[UNK]", "[CLS]", ...), nothing is deleted; the same for samples and
+    reference rows."""
+    return _bert_decoder().batch_decode([vocab.ids[r].tolist() for r in rows], skip_special_tokens=False,
+                                        clean_up_tokenization_spaces=True)
+
+
+def gen_ppl_of(e: ev.Evaluator, texts: list[str], max_length: int, cfg: EvalConfig, label: str) -> GenPPL:
+    """Gen PPL of ``texts`` by ``cfg.gen_ppl_protocol``; ``max_length``: the diffusion model's length (mdlm)."""
     tok = e.tokenizer
-    chunks = retokenize(texts, e.encode, tok.bos_token_id, tok.eos_token_id, e.context)
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn()) as bar:
+        if cfg.gen_ppl_protocol == "mdlm":
+            if tok.eos_token_id is None:
+                raise StageError(f"eval.protocol=mdlm needs an evaluator tokenizer with an EOS token ({cfg.model} "
+                                 "has none); use eval.protocol: windows")
+            ids, att = mdlm_rows([e.encode(t, special_tokens=True) for t in texts], max_length, tok.eos_token_id)
+            task = bar.add_task(label, total=-(-len(ids) // cfg.batch_size))
+            return gen_ppl_mdlm(ids, att, tok.eos_token_id, e.logits, cfg.batch_size, e.context,
+                                lambda: bar.advance(task))
+        chunks = retokenize(texts, e.encode, tok.bos_token_id, tok.eos_token_id, e.context)
         task = bar.add_task(label, total=-(-len(chunks) // cfg.batch_size))
-        res = gen_ppl(chunks, e.logits, cfg.batch_size, tok.pad_token_id or 0, lambda: bar.advance(task))
-    row = {"gen_ppl": res.ppl, "gen_nll": res.nll, "eval_tokens": res.tokens, "num_texts": len(texts), **diversity(ids)}
-    row["below_min_entropy"] = bool(row["entropy"] < cfg.min_entropy)
+        return gen_ppl(chunks, e.logits, cfg.batch_size, tok.pad_token_id or 0, lambda: bar.advance(task))
+
+
+def entropy_threshold_applies(cfg: EvalConfig, seq_len: int) -> bool:
+    """The per-sample entropy threshold is applied only where a sample can pass it: ln(seq_len) >= min_entropy
+    (Table 3's 4.8 at OWT's 1,024 tokens; never at LM1B's 128, whose maximum is ln 128 = 4.85)."""
+    return cfg.min_entropy <= math.log(seq_len)
+
+
+def score(e: ev.Evaluator, vocab: Vocab, ids: list[list[int]], cfg: EvalConfig, label: str) -> dict:
+    """Gen PPL of the decoded ``ids`` under the evaluator and diversity of the model-vocabulary ``ids``."""
+    res = gen_ppl_of(e, decode(vocab, ids), len(ids[0]), cfg, label)
+    row = {"gen_ppl": res.ppl, "gen_nll": res.nll, "eval_tokens": res.tokens, "num_texts": len(ids), **diversity(ids)}
+    row["below_min_entropy"] = entropy_threshold_applies(cfg, len(ids[0])) and bool(row["entropy"] < cfg.min_entropy)
     return row
 
 
-def provenance(cfg: EvalConfig) -> dict:
+def provenance(cfg: EvalConfig, seq_len: int) -> dict:
     """What every gen PPL is measured with: written beside the numbers in every metrics file."""
-    return {"evaluator": cfg.model, "eval_dtype": cfg.dtype, "protocol": PROTOCOL, "min_entropy": cfg.min_entropy}
+    return {"evaluator": cfg.model, "eval_dtype": cfg.dtype, "protocol": cfg.gen_ppl_protocol,
+            "protocol_detail": PROTOCOLS[cfg.gen_ppl_protocol], "min_entropy": cfg.min_entropy,
+            "min_entropy_applies": entropy_threshold_applies(cfg, seq_len)}
 
 
 def run(cfg: EvalConfig, kernel_name: str) -> None:
@@ -47,14 +93,14 @@ def run(cfg: EvalConfig, kernel_name: str) -> None:
         raise StageError(f"{samples_path(kernel_name)} has no steps column (written by an older version); "
                          f"run `dvc repro -f sample@{kernel_name}`")
     start = time.perf_counter()
-    e = ev.load(cfg)
+    vocab, e = load_vocab(), ev.load(cfg)
     by_steps = {
-        str(steps): score(e, g["text"].tolist(), [list(r) for r in g["ids"]], cfg, f"evaluate@{kernel_name} {steps}")
+        str(steps): score(e, vocab, [list(r) for r in g["ids"]], cfg, f"evaluate@{kernel_name} {steps}")
         for steps, g in df.groupby("steps", sort=True)
     }
-    write_json(metrics_dir(kernel_name) / "eval.json",
-               {**provenance(cfg), "device": str(e.device), "wall_s": time.perf_counter() - start,
-                "by_steps": by_steps})
+    write_json(metrics_dir(kernel_name) / "eval.json", {**provenance(cfg, len(df["ids"].iloc[0])),
+                                                        "device": str(e.device), "wall_s": time.perf_counter() - start,
+                                                        "by_steps": by_steps})
 
 
 def reference(cfg: EvalConfig, seed: int = 0) -> None:
@@ -66,9 +112,7 @@ def reference(cfg: EvalConfig, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     unigram = torch.multinomial(count / count.sum(), valid.numel(), replacement=True, generator=gen).view(valid.shape)
     e = ev.load(cfg)
-    rows = {}
-    for name, ids in (("heldout_text", valid), ("unigram_samples", unigram)):
-        ids_list = ids.tolist()
-        rows[name] = score(e, decode(vocab, ids_list), ids_list, cfg, f"reference {name}")
-    rows.update(provenance(cfg), device=str(e.device))
+    rows = {name: score(e, vocab, ids.tolist(), cfg, f"reference {name}")
+            for name, ids in (("heldout_text", valid), ("unigram_samples", unigram))}
+    rows.update(provenance(cfg, valid.shape[1]), device=str(e.device))
     write_json(REFERENCE, rows)

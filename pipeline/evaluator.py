@@ -59,10 +59,11 @@ class Evaluator:
     model: torch.nn.Module
     tokenizer: object
     context: int
-    device: torch.device
+    device: torch.device = torch.device("cpu")  # where ``model`` is; ``load`` puts it on eval.device
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def encode(self, text: str, special_tokens: bool = False) -> list[int]:
+        """Evaluator ids of ``text``; ``special_tokens``: with whatever the tokenizer adds by default (MDLM)."""
+        return self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -16,12 +16,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline.artifacts import DISPERSION, PRIOR_METRICS, REFERENCE, metrics_dir, samples_path  # noqa: E402
+from pipeline.artifacts import (  # noqa: E402
+    DISPERSION,
+    PRIOR_METRICS,
+    REFERENCE,
+    load_vocab,
+    metrics_dir,
+    samples_path,
+)
 from pipeline.common import StageError, atomic, read_json, read_parquet  # noqa: E402
+from pipeline.evaluate import PROTOCOLS, decode  # noqa: E402
 from semdlm.config import Params  # noqa: E402
 
 REPORTS = Path("reports")
 FIGURES = REPORTS / "figures"
+PACKINGS = {"wrap": "BD3-LM's wrap (every document followed by [CLS], rows [CLS] + L-2 tokens + [CLS])",
+            "cls_sep": "[CLS] doc [SEP] per document, the stream cut into rows of L"}
 REFERENCE_ROWS = {"heldout_text": "held-out text (floor)", "unigram_samples": "unigram samples (ceiling)"}
 # The paper's Table 2 (LM1B test PPL, 110M parameters, 200k steps), by our kernel name, with its source row.
 PAPER_TABLE2 = {
@@ -30,21 +40,32 @@ PAPER_TABLE2 = {
     "knn": (149.50, "SemDLM (KNN)"),
     "semdlm_plus": (27.19, "SemDLM+"),
 }
-# The paper's Table 3, LM1B columns (gen PPL by GPT-2 Large at 128/256/512 sampling steps, 128 tokens). The
-# D3PM (Uniform) row has no 128-step value ("/" in the paper). SemDLM (KNN) has no row.
-PAPER_STEPS = (128, 256, 512)
+# The paper's Table 3 (gen PPL by GPT-2 Large, entropy >= 4.8), per dataset: its step counts and, by our kernel
+# name, the source row and its values. LM1B: 128-token samples, D3PM (Uniform) has no 128-step value ("/" in the
+# paper); OWT: 1,024-token samples. SemDLM (KNN) has no row.
 PAPER_TABLE3 = {
-    "mask": ("MDLM (no remasking)", {128: 93.69, 256: 85.24, 512: 78.02}),
-    "uniform": ("D3PM (Uniform)", {256: 150.37, 512: 133.92}),
-    "semdlm_plus": ("SemDLM+", {128: 74.52, 256: 54.08, 512: 36.60}),
+    "lm1b": ((128, 256, 512), {
+        "mask": ("MDLM (no remasking)", {128: 93.69, 256: 85.24, 512: 78.02}),
+        "uniform": ("D3PM (Uniform)", {256: 150.37, 512: 133.92}),
+        "semdlm_plus": ("SemDLM+", {128: 74.52, 256: 54.08, 512: 36.60}),
+    }),
+    "openwebtext": ((128, 256, 512, 1024), {
+        "mask": ("MDLM (no remasking)", {128: 76.50, 256: 64.20, 512: 50.70, 1024: 43.00}),
+        "uniform": ("D3PM (Uniform)", {128: 407.72, 256: 146.89, 512: 112.86, 1024: 96.46}),
+        "semdlm_plus": ("SemDLM+", {128: 64.39, 256: 62.72, 512: 41.91, 1024: 34.37}),
+    }),
 }
-PROVENANCE = ("evaluator", "eval_dtype", "protocol")  # written next to every gen PPL, carried into results.csv
+PAPER_NAMES = {"lm1b": "LM1B", "openwebtext": "OWT"}
+# written next to every gen PPL, carried into results.csv
+PROVENANCE = ("evaluator", "eval_dtype", "protocol", "min_entropy_applies")
 EVAL_COLS = ("gen_ppl", "entropy", "distinct_1", "distinct_2", "distinct_3", "repeated_4gram", "below_min_entropy",
              "eval_tokens", "num_texts")
 
 
 def collect(params: Params) -> pd.DataFrame:
-    """One row per kernel x sampling-step count and per reference row, with every number the report shows."""
+    """One row per kernel x sampling-step count and per reference row, with every number the report shows.
+    Paper Table 2 values only for an LM1B run (the only dataset of Table 2)."""
+    table2 = PAPER_TABLE2 if params.data.source == "lm1b" else {}
     rows = []
     for k in params.kernels:
         m = metrics_dir(k)
@@ -58,17 +79,17 @@ def collect(params: Params) -> pd.DataFrame:
                          "val_ppl": tr["val_ppl"], "bound": tr["bound"], "tokens_per_s": tr["tokens_per_s"],
                          "train_s": tr["train_seconds"], "sampler": sa["sampler"],
                          "nfe": sample_row["nfe_per_batch"], "sample_s": sample_row["wall_s"],
-                         "evaluate_s": ev["wall_s"], "paper_ppl": PAPER_TABLE2.get(k, (None, ""))[0],
-                         "paper_row": PAPER_TABLE2.get(k, (None, "–"))[1],
+                         "evaluate_s": ev["wall_s"], "paper_ppl": table2.get(k, (None, ""))[0],
+                         "paper_row": table2.get(k, (None, "–"))[1], "packing": params.data.packing,
                          **{c: ev["by_steps"][steps][c] for c in EVAL_COLS}, **{c: ev[c] for c in PROVENANCE}})
     ref = read_json(REFERENCE, "reference")
     for key in REFERENCE_ROWS:
         rows.append({"row": key, "kind": "reference", **{c: ref[key][c] for c in EVAL_COLS},
                      **{c: ref[c] for c in PROVENANCE}})
     df = pd.DataFrame(rows).astype({"steps": "Int64"})
-    if df["evaluator"].nunique() > 1 or df["eval_dtype"].nunique() > 1:
-        raise StageError("the metrics come from different evaluators or dtypes; run `dvc repro` so that every row "
-                         "is scored with the current eval.model and eval.dtype")
+    if df["evaluator"].nunique() > 1 or df["eval_dtype"].nunique() > 1 or df["protocol"].nunique() > 1:
+        raise StageError("the metrics come from different evaluators, dtypes or gen PPL protocols; run `dvc repro` "
+                         "so that every row is scored with the current eval.model, eval.dtype and eval.protocol")
     return df
 
 
@@ -174,21 +195,66 @@ def plot_dispersion(disp: dict, path: Path) -> None:
 
 
 def table3(params: Params, df: pd.DataFrame) -> str:
-    """Gen PPL and entropy per kernel x our step counts, then the paper's LM1B columns (separate, labelled)."""
+    """Gen PPL and entropy per kernel x our step counts, then the paper's columns of this run's dataset (Table 3:
+    LM1B or OWT; none for any other data), separate and labelled."""
     steps = params.sampler.step_counts
     models = df[df["kind"] == "model"]
-    names = ["kernel"] + [f"ours: {h} @{s}" for s in steps for h in ("gen PPL", "entropy")]
-    names += ["paper row"] + [f"paper: LM1B gen PPL @{s}" for s in PAPER_STEPS]
+    protocol = models["protocol"].iloc[0]
+    paper_steps, paper_rows = PAPER_TABLE3.get(params.data.source, ((), {}))
+    names = ["kernel"] + [f"ours: {h} @{s}" + (f" ({protocol})" if h == "gen PPL" else "") for s in steps
+                          for h in ("gen PPL", "entropy")]
+    if paper_steps:
+        names += ["paper row"] + [f"paper: {PAPER_NAMES[params.data.source]} gen PPL @{s}" for s in paper_steps]
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     for k in params.kernels:
         cells = [k]
         for s in steps:
             r = models[(models["row"] == k) & (models["steps"] == s)].iloc[0]
             cells += [_fmt(float(r["gen_ppl"])) + (" *" if r["below_min_entropy"] else ""), _fmt(float(r["entropy"]))]
-        paper_row, paper = PAPER_TABLE3.get(k, ("–", {}))
-        cells += [paper_row] + [_fmt(paper[s]) if s in paper else "–" for s in PAPER_STEPS]
+        if paper_steps:
+            paper_row, paper = paper_rows.get(k, ("–", {}))
+            cells += [paper_row] + [_fmt(paper[s]) if s in paper else "–" for s in paper_steps]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def table2(params: Params, models: pd.DataFrame) -> str:
+    """Our validation bound per kernel; the paper's Table 2 columns only for an LM1B run."""
+    top = max(params.sampler.step_counts)
+    cols = ["row", "val_ppl", "gen_ppl", "entropy"]
+    names = ["kernel", "ours: val PPL (bound)", f"ours: gen PPL @{top}", f"ours: entropy @{top}"]
+    if params.data.source != "lm1b":
+        return markdown_table(models, cols, names, 2) + (
+            f"\n\nNo paper column: the paper's Table 2 is LM1B test PPL, and this run's data is "
+            f"`{params.data.source}`.")
+    return markdown_table(models, cols + ["paper_ppl", "paper_row"], names + ["paper: LM1B test PPL", "paper row"],
+                          2) + (
+        "\n\nPaper columns are Table 2 of arXiv 2606.15327 (LM1B, 110M parameters, 200k steps); they are printed "
+        "for orientation only and are **not** comparable with ours unless data, scale and, for knn / semdlm_plus, "
+        "the bound match (see docs/likelihood.md).")
+
+
+def entropy_note(params: Params, applies: bool) -> str:
+    """What the entropy column and the `*` mean for this run."""
+    ev, L = params.eval, params.data.seq_len
+    bound = f"A sample of {L} tokens has entropy at most ln {L} = {math.log(L):.2f}"
+    if not applies:
+        return (f"Entropy: mean per-sample unigram entropy of the model's own token ids (nats). {bound}, below "
+                f"eval.min_entropy = {ev.min_entropy}, so the threshold is **not applied** (no row could pass it, "
+                "held-out text included; see docs/evaluation.md): compare entropies with the held-out text row.")
+    return (f"Entropy: mean per-sample unigram entropy of the model's own token ids (nats). `*`: entropy below "
+            f"eval.min_entropy = {ev.min_entropy} (the paper's Table 3 only reports rows above it; here they are "
+            f"marked, not hidden). {bound}.")
+
+
+def paper_note(params: Params) -> str:
+    if params.data.source in PAPER_TABLE3:
+        name = PAPER_NAMES[params.data.source]
+        L = 128 if params.data.source == "lm1b" else 1024
+        return (f"Paper columns: Table 3, {name}, GPT-2 Large, {L}-token samples (this run's dataset); other steps and "
+                "scale than ours may apply.")
+    return (f"No paper columns: the paper's tables are for LM1B and OWT, and this run's data is "
+            f"`{params.data.source}`.")
 
 
 def render(params: Params, df: pd.DataFrame, unigram_ce: float, disp: dict, examples: dict[str, list[str]]) -> str:
@@ -196,7 +262,8 @@ def render(params: Params, df: pd.DataFrame, unigram_ce: float, disp: dict, exam
     every = df[df["kind"] == "model"]
     refs = df[df["kind"] == "reference"].replace({"row": REFERENCE_ROWS})
     p = models.iloc[0]
-    ev, sa = params.eval, params.sampler
+    sa = params.sampler
+    applies = bool(df["min_entropy_applies"].all())
     steps = ", ".join(str(s) for s in sa.step_counts)
     dtab = pd.DataFrame([{"row": k, **d} for k, d in disp.items()])
     out = [
@@ -210,9 +277,11 @@ def render(params: Params, df: pd.DataFrame, unigram_ce: float, disp: dict, exam
         "",
         "## Settings",
         "",
-        f"- Evaluator `{p['evaluator']}` ({p['eval_dtype']}); gen PPL protocol: {p['protocol']}.",
-        f"- Sampler `{sa.name}`, sampling steps {steps} (paper: 128/256/512 on LM1B; the embedded default uses "
-        f"fewer so that `dvc repro` stays within its time budget), {sa.num_samples} samples of "
+        f"- Evaluator `{p['evaluator']}` ({p['eval_dtype']}); gen PPL protocol `{p['protocol']}`: "
+        f"{PROTOCOLS[p['protocol']]} (eval.protocol; docs/evaluation.md).",
+        f"- Data packing `{params.data.packing}`: {PACKINGS[params.data.packing]} (data.packing).",
+        f"- Sampler `{sa.name}`, sampling steps {steps} (paper: 128/256/512 on LM1B, 128/256/512/1,024 on OWT; the "
+        f"embedded default uses fewer so that `dvc repro` stays within its time budget), {sa.num_samples} samples of "
         f"{params.data.seq_len} tokens per step count, λ_freq = {sa.lambda_freq}, λ_sem = {sa.lambda_sem}.",
         f"- Seeds: data {params.data.seed}, train {params.train.seed}, sampler {sa.seed}, "
         f"dispersion {params.dispersion.seed}.",
@@ -225,24 +294,16 @@ def render(params: Params, df: pd.DataFrame, unigram_ce: float, disp: dict, exam
         f"Unigram cross-entropy of the validation split (train counts, add-one): **{unigram_ce:.3f} nats/token**. "
         "A model that learned nothing from context sits at this line; a broken one far above it.",
         "",
-        markdown_table(models, ["row", "val_ppl", "gen_ppl", "entropy", "paper_ppl", "paper_row"],
-                       ["kernel", "ours: val PPL (bound)", f"ours: gen PPL @{max(sa.step_counts)}",
-                        f"ours: entropy @{max(sa.step_counts)}", "paper: LM1B test PPL", "paper row"], 2),
-        "",
-        "Paper columns are Table 2 of arXiv 2606.15327 (LM1B, 110M parameters, 200k steps); they are printed for "
-        "orientation only and are **not** comparable with ours (other data, scale and, for knn / semdlm_plus, "
-        "another bound: see docs/likelihood.md).",
+        table2(params, models),
         "",
         markdown_table(models, ["row", "val_nelbo", "bound", "parameters", "train_tokens", "tokens_per_s"],
                        ["kernel", "val NELBO (nats/tok)", "bound", "params", "train tokens", "train tok/s"], 3),
         "",
         "## Generation (Table 3)",
         "",
-        "Entropy: mean per-sample unigram entropy of the model's own token ids (nats). `*`: entropy below "
-        f"eval.min_entropy = {ev.min_entropy} (the paper's Table 3 only reports rows above it; here they are "
-        f"marked, not hidden). A sample of {params.data.seq_len} tokens has entropy at most ln {params.data.seq_len} "
-        f"= {math.log(params.data.seq_len):.2f}, so compare entropies with the held-out text row, not the threshold. "
-        "Paper columns: Table 3, LM1B, GPT-2 Large, 128-token samples; other steps, data and scale than ours.",
+        entropy_note(params, applies),
+        "",
+        paper_note(params),
         "",
         table3(params, df),
         "",
@@ -250,11 +311,12 @@ def render(params: Params, df: pd.DataFrame, unigram_ce: float, disp: dict, exam
         "4-grams that occur more than once in it, the \"semantic basin\" signature), and the reference rows "
         "scored by the same code:",
         "",
-        markdown_table(pd.concat([every, refs]),
-                       ["row", "steps", "gen_ppl", "entropy", "below_min_entropy", "distinct_1", "distinct_2",
-                        "distinct_3", "repeated_4gram", "nfe", "sample_s"],
-                       ["row", "steps", "gen PPL", "entropy", "entropy < min", "distinct-1", "distinct-2",
-                        "distinct-3", "rep. 4-gram", "NFE/batch", "sample s"]),
+        markdown_table(pd.concat([every, refs]).assign(
+                           below_min_entropy=lambda d: d["below_min_entropy"] if applies else "n/a"),
+                       ["row", "steps", "protocol", "gen_ppl", "entropy", "below_min_entropy", "distinct_1",
+                        "distinct_2", "distinct_3", "repeated_4gram", "nfe", "sample_s"],
+                       ["row", "steps", "gen PPL protocol", "gen PPL", "entropy", "entropy < min", "distinct-1",
+                        "distinct-2", "distinct-3", "rep. 4-gram", "NFE/batch", "sample s"]),
         "",
         "![gen PPL vs steps](figures/genppl_steps.png)",
         "",
@@ -282,7 +344,8 @@ def render(params: Params, df: pd.DataFrame, unigram_ce: float, disp: dict, exam
         "",
         "## Samples",
         "",
-        f"First samples of each kernel at {max(sa.step_counts)} steps.",
+        f"First samples of each kernel at {max(sa.step_counts)} steps, decoded as they are scored (special tokens "
+        "such as [UNK] and [CLS] shown as text).",
         "",
     ]
     for k, texts in examples.items():
@@ -310,10 +373,10 @@ def run(params: Params) -> None:
         raise StageError(f"{DISPERSION} has no entry for {', '.join(missing)}; run `dvc repro dispersion`")
     disp = {k: disp[k] for k in params.kernels}
     top = max(params.sampler.step_counts)
-    examples = {}
+    vocab, examples = load_vocab(), {}
     for k in params.kernels:
         samples = read_parquet(samples_path(k), f"sample@{k}")
-        examples[k] = samples[samples["steps"] == top]["text"].head(3).tolist()
+        examples[k] = decode(vocab, [list(r) for r in samples[samples["steps"] == top]["ids"].head(3)])
     REPORTS.mkdir(exist_ok=True)
     with atomic(FIGURES) as tmp:
         tmp.mkdir()

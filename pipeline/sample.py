@@ -28,8 +28,9 @@ from pipeline.artifacts import (
 from pipeline.common import StageError, in_precision, on_device, resolve_device, write_json, write_parquet
 from semdlm.config import Params, SamplerConfig
 from semdlm.kernels import Kernel
+from semdlm.model import Denoiser
 from semdlm.penalties import penalty
-from semdlm.samplers import Denoise, Transform, ancestral, blockwise, tau_leaping
+from semdlm.samplers import Transform, ancestral, blockwise, tau_leaping
 
 
 def decode(vocab: Vocab, rows: list[list[int]]) -> list[str]:
@@ -57,12 +58,12 @@ def run(params: Params, kernel_name: str) -> None:
             f"sampler.strides={cfg.strides} does not divide the sequence length {model.seq_len}; "
             "choose a divisor (the paper uses 2)"
         )
-    denoise = in_precision(model.to(device), device, params.train.precision)
+    model.to(device)
     x0_dist, transform = load_unigram(vocab).to(device), penalty_on(cfg, device)
     frames, by_steps = [], {}
     for steps in cfg.step_counts:
-        ids, nfe_per_batch, wall = draw(denoise, model.seq_len, kernel, dataclasses.replace(cfg, steps=steps), x0_dist,
-                                        transform, device)
+        ids, nfe_per_batch, wall = draw(model, kernel, dataclasses.replace(cfg, steps=steps), x0_dist, transform,
+                                        device, params.train.precision)
         frames.append(pd.DataFrame({"steps": steps, "sample": range(len(ids)), "ids": ids,
                                     "text": decode(vocab, ids)}))
         by_steps[str(steps)] = {"nfe_per_batch": nfe_per_batch, "wall_s": wall, "samples_per_s": cfg.num_samples / wall}
@@ -74,11 +75,14 @@ def run(params: Params, kernel_name: str) -> None:
     })
 
 
-def draw(denoise: Denoise, seq_len: int, kernel: Kernel, cfg: SamplerConfig, x0_dist: torch.Tensor,
-         transform: Transform | None, device: torch.device) -> tuple[list[list[int]], float, float]:
+def draw(model: Denoiser, kernel: Kernel, cfg: SamplerConfig, x0_dist: torch.Tensor | None,
+         transform: Transform | None, device: torch.device, precision: str) -> tuple[list[list[int]], float, float]:
     """``cfg.num_samples`` sequences at ``cfg.steps`` (one count): (ids, network calls per batch, wall s).
-    ``kernel``, ``x0_dist``, ``transform`` and ``denoise`` work on ``device``, where the generator is made."""
+    ``model``, ``kernel``, ``x0_dist`` and ``transform`` are on ``device``, where the generator is made; the network
+    runs in the training ``precision``."""
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    denoise = in_precision(model, device, precision)
+    latent = model.num_states > 0  # the latent-state model sees (and the sampler tracks) each token's state
     ids, nfe = [], 0
     start = time.perf_counter()
     columns = (TextColumn(f"sample@{kernel.name} {cfg.steps} steps"), BarColumn(), MofNCompleteColumn(),
@@ -90,14 +94,15 @@ def draw(denoise: Denoise, seq_len: int, kernel: Kernel, cfg: SamplerConfig, x0_
             n = min(cfg.batch_size, cfg.num_samples - first)
             advance = lambda n=n: bar.advance(task, n)  # noqa: E731 - one call per sampler step
             if cfg.name == "blockwise":
-                res = blockwise(denoise, kernel, n, seq_len, cfg.steps, cfg.strides, gen, x0_dist, cfg.top_p,
-                                cfg.rho, cfg.freeze_threshold, transform, advance, cfg.top_k, cfg.corrector_steps)
+                res = blockwise(denoise, kernel, n, model.seq_len, cfg.steps, cfg.strides, gen, x0_dist, cfg.top_p,
+                                cfg.rho, cfg.freeze_threshold, transform, advance, cfg.top_k, cfg.corrector_steps,
+                                latent)
             elif cfg.name == "tau_leaping":
-                res = tau_leaping(denoise, kernel, n, seq_len, cfg.steps, gen, cfg.corrector_steps, transform,
-                                  advance, x0_dist)
+                res = tau_leaping(denoise, kernel, n, model.seq_len, cfg.steps, gen, cfg.corrector_steps, transform,
+                                  advance, x0_dist, latent)
             else:
-                res = ancestral(denoise, kernel, n, seq_len, cfg.steps, gen, x0_dist, advance, transform,
-                                cfg.cache)
+                res = ancestral(denoise, kernel, n, model.seq_len, cfg.steps, gen, x0_dist, advance, transform,
+                                cfg.cache, latent)
             ids += res.ids.tolist()
             nfe += res.nfe
     wall = time.perf_counter() - start

@@ -1,9 +1,11 @@
 """tokenize: corpus -> bert-base-uncased ids -> packed sequences, as sharded parquet.
 
 Documents stream through ``data.workers`` tokenizer processes in chunks; the train split's token counts are
-gathered on the way, rows are packed ("wrap") and written in shards of ``data.shard_sequences`` rows, so a
-corpus the size of OpenWebText never has to fit in memory. With the compact vocabulary the shards are re-mapped
-shard by shard once the counts are known. Outs: data/tokens/{train,valid}/part-*.parquet and vocab.json.
+gathered on the way, rows are packed (``data.packing``: BD3-LM's ``wrap`` or ``cls_sep``) and written in shards
+of ``data.shard_sequences`` rows, so a corpus the size of OpenWebText never has to fit in memory. With the
+compact vocabulary the shards are re-mapped shard by shard once the counts are known. Text that spells a special
+token ("[MASK]", "[SEP]", ...) is encoded as ordinary text ("[", "mask", "]"): a special id only ever comes from
+the packing. Outs: data/tokens/{train,valid}/part-*.parquet and vocab.json.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ _worker: dict = {}
 def _init_worker(detokenize: Callable[[str], str] | None, pooled: bool) -> None:
     if pooled:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
-    _worker.update(tok=assets.tokenizer(), detokenize=detokenize)
+    tok = assets.tokenizer()
+    tok.encode_special_tokens = True  # "[MASK]" in a document is text, never the mask id
+    _worker.update(tok=tok, detokenize=detokenize)
 
 
 def _encode(texts: list[str]) -> list[np.ndarray]:
@@ -93,7 +97,7 @@ def _token_chunks(corpus: Corpus, split: str, workers: int) -> Iterator[list[np.
 def _write_split(corpus: Corpus, split: str, cfg: DataConfig, out: Path, specials: dict[str, int],
                  counts: np.ndarray | None) -> tuple[int, ShardWriter]:
     """Tokenize, count (train), pack and write one split with full-vocabulary ids; returns (documents, writer)."""
-    packer = Packer(cfg.seq_len, specials["cls"], specials["sep"])
+    packer = Packer(cfg.seq_len, specials["cls"], specials["sep"], cfg.packing)
     writer = ShardWriter(out / split, cfg.seq_len, cfg.shard_sequences, specials["unk"])
     n_docs = 0
     columns = (TextColumn(f"tokenize {split}"), BarColumn(), MofNCompleteColumn(), TextColumn("documents"),
@@ -155,6 +159,7 @@ def run(cfg: DataConfig) -> None:
             "tokens": [tok.id_to_token(int(i)) for i in kept],
             "special": special,
             "seq_len": cfg.seq_len,
+            "packing": cfg.packing,
             "documents": docs,
             "sequences": {k: w.rows for k, w in writers.items()},
             "shards": {k: w.shards for k, w in writers.items()},

@@ -44,7 +44,7 @@ from semdlm.config import KernelConfig, Params, TrainConfig
 from semdlm.kernels import Kernel
 from semdlm.likelihood import bound_name, token_prior_kl, validation_nelbo
 from semdlm.loss import change_aware_loss, change_weights, stratified_times, time_weight, token_ce
-from semdlm.model import Denoiser, carry_over_mask
+from semdlm.model import Denoiser
 
 EVAL_LOGITS = 2**27  # logits per validation batch (1 GiB of float64): bounds the batch at large L x V
 RUNTIME_FIELDS = ("devices", "grad_accum", "device", "precision", "compile", "threads")  # not in the fingerprint
@@ -112,7 +112,7 @@ def train_step(model: Callable[..., torch.Tensor], kernel: Kernel, batch: Batch,
     ``latent``: the model sees the latent state (and carries clean positions over)."""
     x0, xt, state = batch.x0[rows].to(device), batch.xt[rows].to(device), batch.state[rows].to(device)
     state = state if latent else None
-    ce = token_ce(model(xt, batch.t[rows].float().to(device), state), x0, carry_over_mask(xt, state, kernel.mask_id))
+    ce = token_ce(kernel.constrain(model(xt, batch.t[rows].float().to(device), state), xt, state), x0)
     return change_aware_loss(ce, x0, xt, batch.omega[rows].to(device), kcfg.lambda_chg, kcfg.lambda_same,
                              batch.norm.to(device))
 
@@ -269,18 +269,19 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
 
     @functools.cache
     def prior() -> torch.Tensor | None:  # once per run, at the first evaluation (rank 0 only evaluates)
-        return token_prior_kl(kernel, unigram)
+        return token_prior_kl(kernel, unigram, params.model.latent_state)
 
     def evaluate(batches: int, repeats: int = 1) -> float:
         """Bound over the first ``batches`` x batch_size validation sequences, with the EMA weights."""
-        def denoise(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def denoise(xt: torch.Tensor, t: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
             with autocast():
-                return ema.model(xt.to(dist.device), t.to(dist.device)).float().cpu()
+                seen = None if state is None else state.to(dist.device)
+                return ema.model(xt.to(dist.device), t.to(dist.device), seen).float().cpu()
 
         ema.model.eval()
         with torch.no_grad():
             v = validation_nelbo(denoise, kernel, valid, eval_bs, -(-batches * cfg.batch_size // eval_bs), cfg.seed,
-                                 cfg.bound_steps, prior(), repeats)
+                                 cfg.bound_steps, prior(), repeats, params.model.latent_state)
         ema.model.train()
         return v
 
@@ -387,5 +388,6 @@ def _finish(params: Params, kernel_name: str, vocab: Vocab, kernel: Kernel, mode
         "tokens_per_s": step * cfg.batch_size * seq_len / train_seconds,
         "train_tokens": step * cfg.batch_size * seq_len,
         "train_seconds": train_seconds,
-        "bound": bound_name(kernel),
+        "bound": bound_name(params.model.latent_state),
+        "model": "latent-state" if params.model.latent_state else "paper",
     })

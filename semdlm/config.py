@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 KERNEL_NAMES = ("mask", "uniform", "knn", "semdlm_plus")
 SAMPLER_NAMES = ("ancestral", "tau_leaping", "blockwise")
+PACKINGS = ("wrap", "cls_sep")  # BD3-LM's wrap; the former [CLS] doc [SEP] stream cut into rows
+PROTOCOLS = ("auto", "mdlm", "windows")  # gen PPL: MDLM's computation; the former [BOS] text [EOS] windows
 
 
 class ConfigError(ValueError):
@@ -45,6 +47,7 @@ class DataConfig:
     seed: int = 0
     workers: int = 1  # tokenizer processes (named sources stream through them)
     shard_sequences: int = 65536  # packed sequences per parquet shard of data/tokens/<split>/
+    packing: str = "cls_sep"  # "wrap": BD3-LM (doc [CLS] ..., rows [CLS] + L-2 + [CLS]); "cls_sep": [CLS] doc [SEP]
 
     def __post_init__(self) -> None:
         _check(self.workers >= 1, f"data.workers={self.workers} must be >= 1")
@@ -54,6 +57,7 @@ class DataConfig:
         _check(self.vocab in ("compact", "full"), f"data.vocab={self.vocab!r}: use 'compact' or 'full'")
         _check(self.min_count >= 1, f"data.min_count={self.min_count} must be >= 1")
         _check(self.max_docs >= 0, f"data.max_docs={self.max_docs} must be >= 0 (0 = all)")
+        _check(self.packing in PACKINGS, f"data.packing={self.packing!r} is unknown; use 'wrap' (BD3-LM) or 'cls_sep'")
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ class ModelConfig:
     dropout: float = 0.0
     time_conditioning: bool = True
     cond_dim: int = 0  # width of the time embedding feeding adaLN; 0 = d_model (MDLM/BD3-LM small: 128)
-    latent_state: bool = False  # the denoiser sees each token's latent state (docs/likelihood.md); False = paper's
+    latent_state: bool = True  # the denoiser sees each token's latent state (docs/likelihood.md); False = paper's
 
     def __post_init__(self) -> None:
         _check(self.cond_dim >= 0, f"model.cond_dim={self.cond_dim} must be >= 0 (0 = d_model)")
@@ -112,7 +116,7 @@ class TrainConfig:
     eval_batches: int = 8
     val_sequences: int = 256  # validation sequences scored by the final bound
     val_repeats: int = 2  # independent (t, x_t) draws per validation sequence in the final bound
-    bound_steps: int = 8  # grid of the coupling ELBO (knn, semdlm_plus); mask/uniform use the exact NELBO
+    bound_steps: int = 8  # T of the discrete-time validation ELBO (docs/likelihood.md)
     ckpt_every: int = 100
     log_every: int = 10
     threads: int = 0  # torch intra-op threads, 0 = torch default
@@ -170,7 +174,7 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    name: str = "ancestral"  # "ancestral" (exact reverse coupling), "tau_leaping" (CTMC + PC), "blockwise"
+    name: str = "ancestral"  # "ancestral" (the model's exact reverse step), "tau_leaping" (+ PC), "blockwise"
     steps: int | tuple[int, ...] = 64  # one count, or a list: one sample set per count (Table 3 columns, Fig. 7)
     cache: bool = True  # ancestral + mask: no network call at steps where nothing is revealed
     corrector_steps: int = 0  # tau_leaping, blockwise: corrector steps after each predictor step
@@ -231,14 +235,24 @@ class EvalConfig:
     dtype: str = "float32"
     batch_size: int = 16
     num_reference: int = 32  # held-out texts and unigram samples scored as reference rows
-    min_entropy: float = 4.8  # Table 3 threshold (natural log); rows below are marked, not hidden
+    min_entropy: float = 4.8  # Table 3 threshold (nats); marked, not hidden; applied only where ln L >= it
+    protocol: str = "auto"  # gen PPL: "mdlm", "windows"; "auto" = mdlm for gpt2-large, else windows
     device: str = "auto"  # where the evaluator scores: auto (CUDA when available), cpu, cuda[:n]
 
     def __post_init__(self) -> None:
         check_device(self.device, "eval.device")
+        _check(self.protocol in PROTOCOLS,
+               f"eval.protocol={self.protocol!r} is unknown; use 'mdlm' (MDLM's gen PPL), 'windows' or 'auto'")
         _check(self.dtype in ("float32", "bfloat16"), f"eval.dtype={self.dtype!r}: use float32 or bfloat16")
         _check(self.batch_size >= 1, f"eval.batch_size={self.batch_size} must be >= 1")
         _check(self.num_reference >= 1, f"eval.num_reference={self.num_reference} must be >= 1")
+
+    @property
+    def gen_ppl_protocol(self) -> str:
+        """The protocol ``auto`` stands for: MDLM's with the paper's evaluator gpt2-large, else ``windows``."""
+        if self.protocol != "auto":
+            return self.protocol
+        return "mdlm" if self.model.rstrip("/").split("/")[-1] == "gpt2-large" else "windows"
 
 
 @dataclass(frozen=True)

@@ -82,8 +82,51 @@ class Kernel:
         a, b = self.schedule.alpha(t), self.schedule.beta_t(t)
         return a, b, (1.0 - a - b).clamp_min(0.0), self.schedule.k(t)
 
+    def to(self, device: torch.device | str) -> Kernel:
+        """A copy whose tables (nu, neighbours) live on ``device``."""
+        nb = None if self.neighbours is None else self.neighbours.to(device)
+        return Kernel(self.name, self.schedule, self.nu.to(device), nb, self.mask_id)
+
+    def state_probs(self, t: torch.Tensor) -> torch.Tensor:
+        """Law of the latent state at times ``t`` ([B]) -> [B, num_states]: alpha_t (clean), beta_t (global), then
+        (1 - alpha_t - beta_t) / k_t on each of the first k_t neighbour slots (Eq. 117 split by branch)."""
+        a, b, c, k = self.coefficients(t.reshape(-1))
+        cols = [a[:, None], b[:, None]]
+        slots = self.num_states - NEIGHBOUR
+        if slots:
+            open_ = torch.arange(slots, device=t.device) < k[:, None]
+            cols.append(open_ * (c / k)[:, None])
+        return torch.cat(cols, 1)
+
+    def token_of(self, state: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The token a clean (x_0) or neighbour-slot (N(x_0)[r]) state shows; x_0 itself for GLOBAL, whose token is
+        a draw from nu that the caller keeps or makes."""
+        if self.num_states == NEIGHBOUR:
+            return x0
+        slot = (state - NEIGHBOUR).clamp_min(0)
+        return torch.where(state >= NEIGHBOUR, self.neighbours[x0, slot], x0)
+
+    def constrain(self, logits: torch.Tensor, xt: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        """Restrict logits of p_theta(x_0 | x_t, state) ([..., V], matching ``xt``) to the x_0 consistent with what
+        the model sees: never [MASK]; x_0 = x_t where it is known (carry-over, MDLM's SUBS: state CLEAN, or x_t
+        unmasked for the absorbing kernel); x_0 in {y : N(y)[r] = x_t} at neighbour slot r."""
+        if self.is_absorbing:
+            logits = logits.index_fill(-1, torch.tensor([self.mask_id], device=logits.device), float("-inf"))
+        known = (state == CLEAN) if state is not None else (xt != self.mask_id) if self.is_absorbing else None
+        if known is not None:
+            copy = torch.full_like(logits, float("-inf")).scatter_(-1, xt[..., None], 0.0)
+            logits = torch.where(known[..., None], copy, logits)
+        if state is not None and self.num_states > NEIGHBOUR:
+            at = (state >= NEIGHBOUR).nonzero(as_tuple=True)
+            if len(at[0]):
+                column = self.neighbours[:, : self.num_states - NEIGHBOUR].T[state[at] - NEIGHBOUR]  # [n, V]
+                logits = logits.clone()
+                logits[at] = logits[at].masked_fill(column != xt[at][:, None], float("-inf"))
+        return logits
+
     def sample_nu(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
-        u = torch.rand(shape, dtype=torch.float64, generator=generator)
+        device = generator.device if generator is not None else self.nu.device
+        u = torch.rand(shape, dtype=torch.float64, generator=generator, device=device)
         return torch.searchsorted(self._nu_cdf, u.reshape(-1), right=True).clamp_max(self.vocab_size - 1).view(shape)
 
     def sample_xt(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -96,12 +139,12 @@ class Kernel:
         """(x_t, state): the latent state tag per token (``CLEAN`` with probability alpha_t, ``GLOBAL``, or
         ``NEIGHBOUR + r`` for the r-th neighbour). A corrupted token can still equal x_0 (nu may put mass on it)."""
         a, b, _, k = (c.view(-1, *([1] * (x0.dim() - 1))) for c in self.coefficients(t))
-        u = torch.rand(x0.shape, dtype=torch.float64, generator=generator)
+        u = torch.rand(x0.shape, dtype=torch.float64, generator=generator, device=x0.device)
         xt = torch.where(u < a + b, self.sample_nu(tuple(x0.shape), generator), x0)
         xt = torch.where(u < a, x0, xt)
         state = torch.where(u < a, CLEAN, GLOBAL)
         if self.uses_neighbours:
-            v = torch.rand(x0.shape, dtype=torch.float64, generator=generator)
+            v = torch.rand(x0.shape, dtype=torch.float64, generator=generator, device=x0.device)
             rank = torch.floor(v * k).long().clamp_max(k.expand_as(x0) - 1)  # uniform over the top-k_t
             xt = torch.where(u >= a + b, self.neighbours[x0, rank], xt)
             state = torch.where(u >= a + b, NEIGHBOUR + rank, state)
@@ -110,9 +153,9 @@ class Kernel:
     def probs(self, x0: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """Closed-form rows q(x_t = . | x_0) as a dense [N, V] float64 tensor (for N positions, never V x V)."""
         x0 = x0.reshape(-1)
-        a, b, c, k = self.coefficients(torch.as_tensor(t, dtype=torch.float64).reshape(1))
+        a, b, c, k = self.coefficients(torch.as_tensor(t, dtype=torch.float64, device=x0.device).reshape(1))
         rows = (b * self.nu).expand(x0.numel(), -1).clone()
-        rows[torch.arange(x0.numel()), x0] += a
+        rows[torch.arange(x0.numel(), device=x0.device), x0] += a
         if self.uses_neighbours:
             kk = int(k)
             rows.scatter_add_(1, self.neighbours[x0, :kk], (c / kk).expand(x0.numel(), kk).clone())
@@ -120,13 +163,14 @@ class Kernel:
 
     def sample_prior(
         self, shape: tuple[int, ...], x0_dist: torch.Tensor, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """x_1 ~ sum_i m(i) q_1(. | i): the kernel's reference distribution when x_0 follows ``x0_dist``.
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_1, state_1) ~ sum_i m(i) q_1(. | i): the kernel's reference distribution when x_0 follows ``x0_dist``.
 
-        For mask, uniform and SemDLM+ with alpha_min = 0, beta_max = 1 this is nu whatever ``x0_dist`` is.
+        For mask, uniform and SemDLM+ with alpha_min = 0, beta_max = 1 the token law is nu whatever ``x0_dist`` is.
         """
-        x0 = torch.multinomial(x0_dist.to(torch.float64), int(torch.tensor(shape).prod()), True, generator=generator)
-        return self.sample_xt(x0.view(shape), torch.ones(shape[0], dtype=torch.float64), generator)
+        n = int(torch.tensor(shape).prod())
+        x0 = torch.multinomial(x0_dist.to(self.nu.device, torch.float64), n, True, generator=generator)
+        return self.corrupt(x0.view(shape), torch.ones(shape[0], dtype=torch.float64, device=x0.device), generator)
 
 
 def masking(vocab_size: int, mask_id: int) -> Kernel:

@@ -1,32 +1,174 @@
-"""Likelihood bounds (validation NELBO, the "test PPL" of Table 2) for every kernel. Derivations:
-docs/likelihood.md.
+"""Likelihood bounds (validation NELBO, the "test PPL" of Table 2). Derivations: docs/likelihood.md.
 
-- ``ctmc_nelbo``: the exact continuous-time NELBO of kernels q_t = alpha_t delta_{x_0} + (1 - alpha_t) nu
-  (mask, uniform), which are Markov with rates lambda_t nu(y), lambda_t = -alpha'_t / alpha_t. For the
-  absorbing kernel it is MDLM's E_t[-alpha'_t / (1 - alpha_t) sum_{masked} -log p_theta(x_0 | x_t)].
-- ``coupling_bound``: a discrete-time ELBO on a T-step grid for any kernel of Eq. 117, through the reverse
-  coupling of ``semdlm.coupling`` with the latent clean/corrupted flag z. The kNN and SemDLM+ kernels are not
-  Markov processes in general, so they have no continuous-time NELBO; this bound is valid for the generative
-  model that the coupling defines (the one ``samplers.ancestral`` draws from).
+- ``latent_bound``: the ELBO of the latent-state model (the default, ``model.latent_state: true``) on a T-step
+  grid, for every kernel. It describes exactly the chain that the samplers draw from with T steps; for the
+  absorbing kernel it is MDLM's discrete-time bound. Per position and step it costs O(V) per state the token
+  can enter, because the reverse law of the state does not depend on x_0 (``semdlm.latent``).
+- ``marginal_bound``: the D3PM-style ELBO of the paper's model (the denoiser sees x_t only; the samplers
+  marginalise the state at every step), on the same grid. Valid, O(V k_max) per position, looser.
+- ``ctmc_nelbo``: the exact continuous-time NELBO of the Markov kernels (mask, uniform) as CTMCs: the model
+  that ``samplers.tau_leaping`` discretises in the paper's model of uniform.
 """
 
 from __future__ import annotations
 
 import torch
 
-from semdlm.coupling import Coef, coef, select
-from semdlm.ctmc import is_markov, model_ratio, rate
-from semdlm.kernels import CLEAN, Kernel
+from semdlm.ctmc import model_ratio, rate
+from semdlm.kernels import CLEAN, GLOBAL, NEIGHBOUR, Kernel
+from semdlm.latent import reverse_probs
 from semdlm.loss import stratified_times
 from semdlm.samplers import Denoise
 
-MAX_CHUNK_ELEMS = 2**23  # positions x V x k_max per chunk in the coupling bound (~64 MB of float64)
+MAX_CHUNK_ELEMS = 2**24  # elements of a [positions, V(, k)] float64 work tensor in the bounds (128 MB)
+TINY = 1e-300
 
 
-def bound_name(kernel: Kernel) -> str:
-    if is_markov(kernel):
-        return "continuous-time NELBO (exact)"
-    return "coupling ELBO (discrete time, valid upper bound)"
+def bound_name(latent: bool) -> str:
+    if latent:
+        return "latent-state ELBO (discrete time, the sampled model)"
+    return "state-marginalised ELBO (discrete time, the paper's model)"
+
+
+def _xlogy_ratio(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """q log(q / p) with 0 where q = 0."""
+    return torch.where(q > 0, q * (q.clamp_min(TINY).log() - p.clamp_min(TINY).log()), torch.zeros_like(q))
+
+
+def _chunks(n: int, width: int):
+    step = max(1, MAX_CHUNK_ELEMS // max(1, width))
+    for start in range(0, n, step):
+        yield slice(start, min(n, start + step))
+
+
+def _grid(B: int, T: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified grid steps t_k -> t_{k-1}, one per sequence: (t, s) ([B] each)."""
+    u = stratified_times(B, 0.0, generator)
+    k = (u * T).long().clamp(0, T - 1) + 1
+    return k.double() / T, (k - 1).double() / T
+
+
+def slot_cost(kernel: Kernel, p: torch.Tensor, x0: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """-log sum_{x_0'} p(x_0') 1[N(x_0')[r] = N(x_0)[r]] for n (row of p, x_0, slot r) triples ([n]): the cost of
+    entering neighbour slot r in the reverse process when the model knows x_0 only through p ([n, V])."""
+    out = torch.empty(len(x0), dtype=torch.float64, device=p.device)
+    columns = kernel.neighbours.T  # [k_max, V]: column r holds N(y)[r] for every y
+    for c in _chunks(len(x0), p.shape[1]):
+        hit = columns[slot[c]] == kernel.neighbours[x0[c], slot[c]][:, None]
+        out[c] = -(p[c] * hit).sum(1).clamp_min(TINY).log()
+    return out
+
+
+def latent_prior_kl(kernel: Kernel, m: torch.Tensor) -> torch.Tensor:
+    """Per token id x_0 ([V]): KL(q(state_1, x_1 | x_0) || p(state_1, x_1)), p the t=1 law of the state with
+    x_0 ~ m: alpha_1 (-log m(x_0)) + sum_r m_1(r) (-log M_r(N(x_0)[r])), M_r the law of N(y)[r] under y ~ m
+    (a GLOBAL token is a nu draw under both)."""
+    m = m.to(kernel.nu.device, torch.float64)
+    m1 = kernel.state_probs(torch.ones(1, dtype=torch.float64, device=m.device))[0]
+    out = m1[CLEAN] * -m.clamp_min(TINY).log() if m1[CLEAN] > 0 else torch.zeros_like(m)
+    for r in range(kernel.num_states - NEIGHBOUR):
+        if m1[NEIGHBOUR + r] > 0:
+            column = kernel.neighbours[:, r]
+            law = torch.zeros_like(m).index_add_(0, column, m)
+            out = out + m1[NEIGHBOUR + r] * -law[column].clamp_min(TINY).log()
+    return out
+
+
+def latent_bound(denoise: Denoise, kernel: Kernel, x0: torch.Tensor, grid_steps: int, prior: torch.Tensor,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """One-sample estimate per sequence (nats/token) of the latent-state ELBO on the grid t_k = k / T:
+
+        sum_i [ prior(x_0^i) + T E_{k ~ U{1..T}} sum_{j != state_t^i} R_{t_k -> t_{k-1}}(j | state_t^i) cost_j ]
+
+    with cost_CLEAN = -log p_theta(x_0^i | x_t, state_t) and cost_{slot r} = ``slot_cost`` (a GLOBAL token is never
+    entered from another state in reverse, and a state that stays costs nothing); ``prior`` from
+    ``latent_prior_kl``."""
+    B, L = x0.shape
+    t, s = _grid(B, grid_steps, generator)
+    xt, state = kernel.corrupt(x0, t, generator)
+    logp = torch.log_softmax(kernel.constrain(denoise(xt, t.float(), state), xt, state).double(), dim=-1)
+    rows = reverse_probs(kernel, t, s)[torch.arange(B, device=x0.device)[:, None], state]  # [B, L, n]
+    return (prior[x0].sum(1) + grid_steps * latent_step_kl(kernel, logp, x0, state, rows).sum(1)) / L
+
+
+def latent_step_kl(kernel: Kernel, logp: torch.Tensor, x0: torch.Tensor, state: torch.Tensor,
+                   rows: torch.Tensor) -> torch.Tensor:
+    """KL(q(state_s, x_s | state_t, x_t, x_0) || p_theta(state_s, x_s | state_t, x_t)) per position ([B, L]) from
+    the model's log p_theta(x_0 | .) ([B, L, V]) and the reverse state law out of each position's state ([B, L, n]):
+    sum over entered states j != state_t of R(j) cost_j (the state law itself is the same on both sides)."""
+    enter = rows.scatter(-1, state[..., None], 0.0)  # staying costs nothing
+    ce = -logp.gather(-1, x0[..., None]).squeeze(-1)
+    kl = torch.where(enter[..., CLEAN] > 0, enter[..., CLEAN] * ce, torch.zeros_like(ce))
+    if kernel.num_states > NEIGHBOUR:
+        b, i, r = (enter[..., NEIGHBOUR:] > 0).nonzero(as_tuple=True)
+        if len(b):
+            cost = slot_cost(kernel, logp[b, i].exp(), x0[b, i], r)
+            kl = kl.index_put((b, i), enter[b, i, NEIGHBOUR + r] * cost, accumulate=True)
+    return kl
+
+
+def step_law(kernel: Kernel, p: torch.Tensor, xt: torch.Tensor, R: torch.Tensor, m_t: torch.Tensor) -> torch.Tensor:
+    """sum_{x_0'} p(x_0') q(x_s = . | x_t, x_0') with the state marginalised ([n, V] dense; p [n, V], x_t [n],
+    R the reverse state law t -> s per row [n, S, S], m_t the state law at t [n, S])."""
+    n, V = p.shape
+    slots = kernel.num_states - NEIGHBOUR
+    ids = torch.arange(V, device=p.device)
+    like = torch.zeros(n, V, kernel.num_states, dtype=torch.float64, device=p.device)
+    like[..., CLEAN] = (ids[None] == xt[:, None]).double()
+    like[..., GLOBAL] = kernel.nu[xt][:, None]
+    if slots:
+        like[..., NEIGHBOUR:] = (kernel.neighbours[:, :slots][None] == xt[:, None, None]).double()
+    post = m_t[:, None] * like
+    possible = post.sum(-1)
+    post = post / possible.clamp_min(TINY)[..., None]  # q(state_t | x_t, x_0') for every x_0' ([n, V, S])
+    diag = R.diagonal(dim1=1, dim2=2)  # staying keeps x_t, and so does an x_0' under which x_t is impossible
+    leave = R - torch.diag_embed(diag)
+    stay = torch.where(possible > 0, (post * diag[:, None]).sum(-1), torch.ones_like(possible))
+    law = torch.zeros(n, V, dtype=torch.float64, device=p.device)
+    law[torch.arange(n, device=p.device), xt] = (p * stay).sum(1)
+    law += p * (post * leave[:, None, :, CLEAN]).sum(-1)  # x_s = x_0'
+    if slots:
+        enter = torch.einsum("nvs,nsr->nvr", post, leave[:, :, NEIGHBOUR:])  # x_s = N(x_0')[r]
+        law.scatter_add_(1, kernel.neighbours[:, :slots].reshape(1, -1).expand(n, -1),
+                         (p[..., None] * enter).reshape(n, -1))
+    return law
+
+
+def marginal_prior_kl(kernel: Kernel, m: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Per token id x_0 ([V]): KL(q_1(x_1 | x_0) || sum_y m(y) q_1(x_1 | y)), the tokens only (chunked O(V^2)
+    time, O(chunk V) memory; 0 when q_1 does not depend on x_0, as for mask, uniform and SemDLM+ with beta_1 = 1)."""
+    m = m.to(kernel.nu.device, torch.float64)
+    V = kernel.vocab_size
+    mix = torch.zeros(V, dtype=torch.float64, device=m.device)
+    for start in range(0, V, chunk):
+        ids = torch.arange(start, min(start + chunk, V), device=m.device)
+        mix += (m[ids, None] * kernel.probs(ids, 1.0)).sum(0)
+    out = torch.zeros(V, dtype=torch.float64, device=m.device)
+    for start in range(0, V, chunk):
+        ids = torch.arange(start, min(start + chunk, V), device=m.device)
+        out[ids] = _xlogy_ratio(kernel.probs(ids, 1.0), mix[None]).sum(1)
+    return out
+
+
+def marginal_bound(denoise: Denoise, kernel: Kernel, x0: torch.Tensor, grid_steps: int, prior: torch.Tensor,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """One-sample estimate per sequence (nats/token) of the paper's model's ELBO on the grid t_k = k / T:
+    sum_i [ prior(x_0^i) + T E_k KL(q(x_s | x_t, x_0) || sum_{x_0'} p_theta(x_0' | x_t) q(x_s | x_t, x_0')) ],
+    the state marginalised on both sides (``step_law``); ``prior`` from ``marginal_prior_kl``."""
+    B, L = x0.shape
+    t, s = _grid(B, grid_steps, generator)
+    xt, _ = kernel.corrupt(x0, t, generator)
+    p = torch.softmax(kernel.constrain(denoise(xt, t.float(), None), xt, None).double(), dim=-1)
+    R, m_t = reverse_probs(kernel, t, s), kernel.state_probs(t)
+    b = torch.arange(B, device=x0.device)[:, None].expand(B, L).reshape(-1)
+    flat_x0, flat_xt, flat_p = x0.reshape(-1), xt.reshape(-1), p.reshape(B * L, -1)
+    kl = torch.empty(B * L, dtype=torch.float64, device=x0.device)
+    width = kernel.vocab_size * kernel.num_states
+    for c in _chunks(B * L, width):
+        args = (flat_xt[c], R[b[c]], m_t[b[c]])
+        truth = torch.zeros_like(flat_p[c]).scatter_(1, flat_x0[c, None], 1.0)
+        kl[c] = _xlogy_ratio(step_law(kernel, truth, *args), step_law(kernel, flat_p[c], *args)).sum(1)
+    return (prior[x0].sum(1) + grid_steps * kl.view(B, L).sum(1)) / L
 
 
 def ctmc_nelbo_terms(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, kernel: Kernel,
@@ -43,12 +185,10 @@ def ctmc_nelbo_terms(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, k
     nu = kernel.nu
     nu_x = nu[xt][..., None]  # [B, L, 1]
     s = model_ratio(p, xt, kernel, a)
-    # r(y) = (a delta_{y, x0} + c nu(y)) / (a delta_{x, x0} + c nu(x))
     onehot_x0 = torch.zeros_like(p).scatter_(-1, x0[..., None], 1.0)
     r = (a * onehot_x0 + c * nu) / (a * (xt == x0)[..., None] + c * nu_x)
     not_x = torch.ones_like(p).scatter_(-1, xt[..., None], 0.0)
-    rlog = torch.where(r > 0, r * (r.clamp_min(1e-300).log() - s.clamp_min(1e-300).log()), torch.zeros_like(r))
-    terms = ((s - r + rlog) * not_x).sum(-1, keepdim=True)
+    terms = ((s - r + _xlogy_ratio(r, s)) * not_x).sum(-1, keepdim=True)
     return (lam * nu_x * terms).squeeze(-1).where(nu_x.squeeze(-1) > 0, torch.zeros_like(nu_x.squeeze(-1)))
 
 
@@ -57,141 +197,27 @@ def ctmc_nelbo(denoise: Denoise, kernel: Kernel, x0: torch.Tensor, t: torch.Tens
     """One-sample estimate per sequence (nats/token) of int_0^1 E_{x_t}[integrand] dt, at times t ([B])."""
     t = t.clamp(1e-6, 1 - 1e-6)
     xt = kernel.sample_xt(x0, t, generator)
-    logits = denoise(xt, t.float())
+    logits = kernel.constrain(denoise(xt, t.float(), None), xt, None)
     return ctmc_nelbo_terms(logits, x0, xt, kernel, t).sum(1) / x0.shape[1]
 
 
-def _r_rows(kernel: Kernel, x0: torch.Tensor, alpha: float, t: float) -> torch.Tensor:
-    """Dense corruption rows r_t(. | x_0) = (q_t(. | x_0) - alpha_t delta_{x_0}) / (1 - alpha_t) ([n, V])."""
-    rows = kernel.probs(x0, t)
-    rows[torch.arange(len(x0)), x0] -= alpha
-    return (rows / (1.0 - alpha)).clamp_min(0.0)
-
-
-def prior_kl(kernel: Kernel, m: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """Per clean token x_0 ([V]): KL(q(z_1, x_1 | x_0) || p(z_1, x_1)) with p(x_1 | z_1=1) = m,
-    p(x_1 | z_1=0) = sum_x0' m(x_0') r_1(. | x_0'): alpha_1 (-log m(x_0)) + (1 - alpha_1) KL(r_1 || mixture)."""
-    a1 = float(kernel.schedule.alpha(torch.ones((), dtype=torch.float64)))
-    V = kernel.vocab_size
-    out = a1 * -m.clamp_min(1e-300).log()
-    if a1 >= 1.0:
-        return out
-    mix = torch.zeros(V, dtype=torch.float64)
-    for start in range(0, V, chunk):
-        ids = torch.arange(start, min(start + chunk, V))
-        mix += (m[ids, None] * _r_rows(kernel, ids, a1, 1.0)).sum(0)
-    for start in range(0, V, chunk):
-        ids = torch.arange(start, min(start + chunk, V))
-        r = _r_rows(kernel, ids, a1, 1.0)
-        kl = torch.where(r > 0, r * (r.clamp_min(1e-300).log() - mix.clamp_min(1e-300).log()), torch.zeros_like(r))
-        out[ids] += (1 - a1) * kl.sum(1)
-    return out
-
-
-def _coupling_kl(kernel: Kernel, xt: torch.Tensor, x0: torch.Tensor, p: torch.Tensor, ct: Coef,
-                 cs: Coef) -> torch.Tensor:
-    """KL(M(. | x_t; x_0) || sum_x0' p(x_0') M(. | x_t; x_0')) for n positions (brute force over x_0')."""
-    n, V = p.shape
-    nu = kernel.nu
-    db = (cs.b - ct.b)[:, None]  # [n, 1]
-    db_pos = db.clamp_min(0.0)
-    if kernel.uses_neighbours:
-        nbr = kernel.neighbours[:, : kernel.schedule.k_max]  # [V, K]
-        K = nbr.shape[1]
-        ranks = torch.arange(K)
-        in_t = ranks < ct.k[:, None, None]  # [n, 1, K]
-        in_s = ranks < cs.k[:, None, None]
-        member = nbr[None] == xt[:, None, None]  # [n, V, K]
-        mem_t, mem_s = (member & in_t).any(-1), (member & in_s).any(-1)  # [n, V]
-        slot = (db[..., None] * nu[nbr][None] + cs.h[:, None, None] * in_s - ct.h[:, None, None] * in_t)
-        slot = torch.where(in_t, slot.clamp_min(0.0), torch.zeros_like(slot))  # [n, V, K]
-        nu_in_t = (nu[nbr][None] * in_t).sum(-1)  # [n, V]
-    else:
-        mem_t = mem_s = torch.zeros(n, V, dtype=torch.bool)
-        slot, nu_in_t = None, torch.zeros(n, V, dtype=torch.float64)
-    nu_x = nu[xt][:, None]
-    rt = ct.b[:, None] * nu_x + ct.h[:, None] * mem_t
-    rs = cs.b[:, None] * nu_x + cs.h[:, None] * mem_s
-    c_all = torch.where(rt > 0, (rs / rt.clamp_min(1e-300)).clamp_max(1.0), torch.ones_like(rt))  # [n, V]
-    tv = db_pos * (1.0 - nu_in_t) + (slot.sum(-1) if slot is not None else 0.0)
-    w = torch.where(tv > 0, p * (1.0 - c_all) / tv.clamp_min(1e-300), torch.zeros_like(p))  # [n, V]
-    rows = torch.arange(n)
-    P = db_pos * nu * w.sum(1, keepdim=True)
-    P[rows, xt] += (p * c_all).sum(1)
-    Mq = db_pos * nu.expand(n, -1).clone()
-    if slot is not None:
-        extra = (slot - db_pos[..., None] * nu[nbr][None] * in_t) * w[..., None]  # [n, V, K]
-        P.scatter_add_(1, nbr.reshape(1, -1).expand(n, -1), extra.reshape(n, -1))
-        own = slot[rows, x0]  # [n, K]: the true x_0's slots
-        own_nb = nbr[x0]
-        Mq.scatter_(1, own_nb, torch.where(in_t.squeeze(1), own, db_pos * nu[own_nb]))
-    c0 = c_all[rows, x0]
-    tv0 = tv[rows, x0]
-    Mq = torch.where(tv0[:, None] > 0, (1 - c0)[:, None] * Mq / tv0.clamp_min(1e-300)[:, None], torch.zeros_like(Mq))
-    Mq[rows, xt] += c0
-    kl = torch.where(Mq > 0, Mq * (Mq.clamp_min(1e-300).log() - P.clamp_min(1e-300).log()), torch.zeros_like(Mq))
-    return kl.sum(1)
-
-
-def coupling_bound(denoise: Denoise, kernel: Kernel, x0: torch.Tensor, grid_steps: int, prior: torch.Tensor,
-                   generator: torch.Generator | None) -> torch.Tensor:
-    """One-sample estimate per sequence (nats/token) of the T-step coupling ELBO (docs/likelihood.md):
-
-    sum_i [ prior_kl(x_0^i) + T E_{k ~ U{1..T}} 1[z^i_{t_k}] ( pi_k (-log p_theta(x_0^i | x_{t_k}))
-                                                            + (1 - pi_k) KL_M(x_{t_k}^i) ) ] / L
-    with ``prior`` = prior_kl per token id ([V]).
-    """
-    B, L = x0.shape
-    T = grid_steps
-    u = stratified_times(B, 0.0, generator)
-    k = (u * T).long().clamp(0, T - 1) + 1  # grid index in 1..T, stratified over the batch
-    t = k.double() / T
-    s = (k - 1).double() / T
-    xt, state = kernel.corrupt(x0, t, generator)
-    z = state != CLEAN
-    logp = torch.log_softmax(denoise(xt, t.float()).double(), dim=-1)  # [B, L, V]
-    ct, cs = coef(kernel, t), coef(kernel, s)
-    pi = (cs.alpha - ct.alpha) / (1 - ct.alpha).clamp_min(1e-300)  # [B]
-    ce = -logp.gather(-1, x0[..., None]).squeeze(-1)  # [B, L]
-    step = pi[:, None] * ce
-    pos = z.nonzero()  # corrupted positions (b, i)
-    kl = torch.zeros(B, L, dtype=torch.float64)
-    V = logp.shape[-1]
-    chunk = max(1, MAX_CHUNK_ELEMS // (V * max(1, kernel.schedule.k_max if kernel.uses_neighbours else 1)))
-    for start in range(0, len(pos), chunk):
-        b, i = pos[start : start + chunk].T
-        kl[b, i] = _coupling_kl(kernel, xt[b, i], x0[b, i], logp[b, i].exp(), select(ct, b), select(cs, b))
-    step = step + (1 - pi)[:, None] * kl
-    per_seq = prior[x0].sum(1) + T * (step * z).sum(1)
-    return per_seq / L
-
-
-def sequence_nelbo(denoise: Denoise, kernel: Kernel, x0: torch.Tensor, t: torch.Tensor,
-                   generator: torch.Generator, grid_steps: int = 64, prior: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sequence bound (nats/token) with the kernel's own bound; ``t`` ([B]) is used by the CTMC NELBO."""
-    if is_markov(kernel):
-        return ctmc_nelbo(denoise, kernel, x0, t, generator)
-    if prior is None:
-        raise ValueError(f"the coupling bound of kernel {kernel.name!r} needs prior_kl per token")
-    return coupling_bound(denoise, kernel, x0, grid_steps, prior, generator)
-
-
-def token_prior_kl(kernel: Kernel, x0_prior: torch.Tensor) -> torch.Tensor | None:
-    """What ``validation_nelbo`` needs besides the data: ``prior_kl`` per token for the coupling bound (a chunked
-    O(V^2)-time pass; compute it once per run), None for the Markov kernels."""
-    return None if is_markov(kernel) else prior_kl(kernel, x0_prior)
+def token_prior_kl(kernel: Kernel, x0_prior: torch.Tensor, latent: bool) -> torch.Tensor:
+    """What ``validation_nelbo`` needs besides the data: the prior term per token id (compute it once per run)."""
+    return latent_prior_kl(kernel, x0_prior) if latent else marginal_prior_kl(kernel, x0_prior)
 
 
 def validation_nelbo(denoise: Denoise, kernel: Kernel, data: torch.Tensor, batch_size: int, batches: int,
-                     seed: int, grid_steps: int = 64, prior: torch.Tensor | None = None, repeats: int = 1) -> float:
+                     seed: int, grid_steps: int, prior: torch.Tensor, repeats: int = 1, latent: bool = True) -> float:
     """Mean bound (nats/token) over the first ``batches * batch_size`` sequences, each scored ``repeats`` times
-    at independent stratified t, with a fixed seed; ``prior`` from ``token_prior_kl``."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    total, n = 0.0, 0
+    at independent stratified grid steps, with a fixed seed; ``prior`` from ``token_prior_kl``. Runs on the
+    device of ``data`` and ``kernel``."""
+    bound = latent_bound if latent else marginal_bound
+    device = data.device
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    total, n = torch.zeros((), dtype=torch.float64, device=device), 0
     for _ in range(repeats):
         for start in range(0, min(len(data), batches * batch_size), batch_size):
             x0 = data[start : start + batch_size]
-            t = stratified_times(len(x0), 0.0, gen)
-            total += float(sequence_nelbo(denoise, kernel, x0, t, gen, grid_steps, prior).sum())
+            total += bound(denoise, kernel, x0, grid_steps, prior, gen).sum()
             n += len(x0)
-    return total / n
+    return float(total) / n

@@ -5,7 +5,7 @@ Per position i the loss term is omega(t) * CE_i with CE_i = -log p_theta(x_0^i |
     L_train = sum_i w_i omega(t) CE_i / sum_i w_i,   w_i = lambda_chg 1[x_t^i != x_0^i] + lambda_same 1[x_t^i = x_0^i]
 
 (Eq. 120). ``omega(t) = -alpha'_t / (1 - alpha_t)`` with ``time_weight="elbo"``, else 1 (Eq. 3). For the masking
-kernel p_theta copies unmasked tokens (carry-over, ``semdlm.model``), and so does the latent-state model at clean
+kernel p_theta copies unmasked tokens (carry-over, ``Kernel.constrain``), and so does the latent-state model at clean
 positions, so their CE is 0; with lambda_chg = lambda_same = 1 and the
 ELBO weight, L_train is exactly the MDLM continuous-time NELBO per token.
 """
@@ -20,8 +20,9 @@ from semdlm.kernels import Kernel
 
 def stratified_times(batch: int, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Low-discrepancy t in [eps, 1]: t_b = eps + (1 - eps) * ((u + b / B) mod 1), one uniform u per batch."""
-    u = torch.rand((), generator=generator, dtype=torch.float64)
-    return eps + (1 - eps) * torch.remainder(u + torch.arange(batch, dtype=torch.float64) / batch, 1.0)
+    device = generator.device if generator is not None else None
+    u = torch.rand((), generator=generator, dtype=torch.float64, device=device)
+    return eps + (1 - eps) * torch.remainder(u + torch.arange(batch, dtype=torch.float64, device=device) / batch, 1.0)
 
 
 def time_weight(kernel: Kernel, t: torch.Tensor) -> torch.Tensor:
@@ -30,12 +31,10 @@ def time_weight(kernel: Kernel, t: torch.Tensor) -> torch.Tensor:
     return -s.dalpha(t) / (1.0 - s.alpha(t)).clamp_min(1e-12)
 
 
-def token_ce(logits: torch.Tensor, x0: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
-    """-log p_theta(x_0^i | x_t) per position ([B, L]); 0 at the ``known`` (carried-over) positions.
-
-    Flat [B * L, V] layout: the [B, V, L] one runs a spatial softmax kernel several times slower."""
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x0.reshape(-1), reduction="none").view_as(x0)
-    return ce if known is None else ce.masked_fill(known, 0.0)
+def token_ce(logits: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """-log p_theta(x_0^i | x_t) per position ([B, L]) from constrained logits (``Kernel.constrain``: 0 at the
+    carried-over positions). Flat [B * L, V] layout: the [B, V, L] one runs a spatial softmax several times slower."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x0.reshape(-1), reduction="none").view_as(x0)
 
 
 def change_aware_loss(

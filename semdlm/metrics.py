@@ -1,5 +1,10 @@
-"""Generation metrics: generative perplexity under a causal evaluator LM ("retokenize" protocol) and
-per-sample unigram entropy / distinct-n on the model's own token ids."""
+"""Generation metrics: generative perplexity under a causal evaluator LM and per-sample unigram entropy /
+distinct-n on the model's own token ids.
+
+Two gen PPL protocols (docs/evaluation.md): ``mdlm`` reproduces MDLM's ``compute_generative_perplexity`` (no BOS,
+truncation to the model length, right padding with EOS, every non-EOS token and the first EOS scored);
+``windows`` scores ``[BOS] text [EOS]`` in windows of the evaluator context.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ class GenPPL:
 
 def retokenize(texts: Sequence[str], encode: Callable[[str], list[int]], bos_id: int | None, eos_id: int | None,
                context: int) -> list[list[int]]:
-    """Evaluator-token chunks of at most ``context`` tokens: [BOS] text [EOS], split into consecutive windows.
+    """``windows`` protocol: chunks of at most ``context`` tokens of [BOS] text [EOS], in consecutive windows.
 
     With a BOS every text token is scored (the BOS itself is only conditioned on); the first EOS is scored.
     """
@@ -42,30 +47,88 @@ def gen_ppl(
     pad_id: int = 0,
     on_batch: Callable[[], None] | None = None,
 ) -> GenPPL:
-    """Token-weighted NLL of every chunk's tokens 2..n given the previous ones; PPL = exp(sum NLL / #tokens).
-
-    ``logits_fn(ids [B, T], attention_mask [B, T]) -> logits [B, T, V]`` on any device (the NLL is computed there).
+    """``windows`` protocol: token-weighted NLL of every chunk's tokens 2..n given the previous ones;
+    PPL = exp(sum NLL / #tokens). ``logits_fn(ids [B, T], attention_mask [B, T]) -> logits [B, T, V]``.
     """
     if not chunks:
         raise ValueError("no text to score: every sample decoded to fewer than 2 evaluator tokens")
     total, count, per_text = 0.0, 0, []
     for start in range(0, len(chunks), batch_size):
         batch = chunks[start : start + batch_size]
-        T = max(len(c) for c in batch)
-        ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-        att = torch.zeros((len(batch), T), dtype=torch.long)
-        for i, c in enumerate(batch):
-            ids[i, : len(c)] = torch.tensor(c)
-            att[i, : len(c)] = 1
-        logits = logits_fn(ids, att).float()
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(logits.device), reduction="none").cpu()
+        ids, att = right_pad(batch, max(len(c) for c in batch), pad_id)
         scored = att[:, 1:].float()
-        total += float((nll * scored).sum())
+        nll = (target_nll(logits_fn, ids, att) * scored).sum(1)
+        total += float(nll.sum())
         count += int(scored.sum())
-        per_text += ((nll * scored).sum(1) / scored.sum(1)).tolist()
+        per_text += (nll / scored.sum(1)).tolist()
         if on_batch is not None:
             on_batch()
     return GenPPL(math.exp(total / count), total / count, count, per_text)
+
+
+def right_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows cut to ``length`` and right-padded with ``pad_id``: (ids [N, length], attention mask [N, length])."""
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    att = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        r = list(r)[:length]
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        att[i, : len(r)] = 1
+    return ids, att
+
+
+def target_nll(logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ids: torch.Tensor,
+               att: torch.Tensor) -> torch.Tensor:
+    """[B, T-1] NLL (nats, float32 or wider) of ids[:, 1:] given the prefix, unweighted, on the CPU; the logits
+    may come from any device (the evaluator's), where the NLL is computed."""
+    logits = logits_fn(ids, att).float()
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(logits.device), reduction="none").cpu()
+
+
+def mdlm_rows(encoded: Sequence[Sequence[int]], max_length: int, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MDLM's ``eval_retokenize``: each text's evaluator ids (the tokenizer's default special tokens, so no BOS for
+    GPT-2) truncated to ``max_length`` (the diffusion model's length) and right-padded with EOS (GPT-2 has no pad
+    token; MDLM sets pad = EOS) to the longest row of the set: (ids [N, T], attention mask [N, T])."""
+    if not encoded:
+        raise ValueError("no text to score")
+    return right_pad(encoded, min(max_length, max(len(e) for e in encoded)), eos_id)
+
+
+def mdlm_weights(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """MDLM's scored targets [N, T-1]: every non-EOS token, and the row's first EOS ((EOS count so far == 1) or
+    not EOS). So a text shorter than the padded length is also scored on ending (its first pad is an EOS); a text
+    cut at ``max_length`` is not; later EOS (padding) never is. The first token is never a target (no BOS)."""
+    is_eos = ids == eos_id
+    return ((is_eos.cumsum(-1) == 1) | ~is_eos)[:, 1:]
+
+
+@torch.no_grad()
+def gen_ppl_mdlm(
+    ids: torch.Tensor,
+    att: torch.Tensor,
+    eos_id: int,
+    logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch_size: int,
+    context: int = 1024,
+    on_batch: Callable[[], None] | None = None,
+) -> GenPPL:
+    """MDLM's ``compute_generative_perplexity`` on ``mdlm_rows``: batches of ``batch_size`` rows, each split into
+    pieces of ``context`` evaluator positions scored independently; PPL = exp(sum NLL * w / sum w) with
+    w = ``mdlm_weights`` of the piece. (MDLM drops the last ``N mod batch_size`` rows; every row is scored here.)"""
+    per_nll, per_count = torch.zeros(len(ids), dtype=torch.float64), torch.zeros(len(ids), dtype=torch.float64)
+    for start in range(0, len(ids), batch_size):
+        rows = slice(start, start + batch_size)
+        for piece, piece_att in zip(ids[rows].split(context, -1), att[rows].split(context, -1), strict=True):
+            w = mdlm_weights(piece, eos_id)
+            nll = torch.where(w, target_nll(logits_fn, piece, piece_att).double(), 0.0)  # an all-pad piece may be NaN
+            per_nll[rows] += nll.sum(1)
+            per_count[rows] += w.sum(1)
+        if on_batch is not None:
+            on_batch()
+    total, count = float(per_nll.sum()), int(per_count.sum())
+    if count == 0:
+        raise ValueError("no evaluator token to score: every text is a single token")
+    return GenPPL(math.exp(total / count), total / count, count, (per_nll / per_count.clamp(min=1)).tolist())
 
 
 def unigram_entropy(ids: Sequence[int]) -> float:

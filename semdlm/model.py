@@ -4,8 +4,8 @@ Rotary position embeddings, adaLN time conditioning (shift / scale / gate per bl
 every block starts as the identity), weight-tied output head, ``scaled_dot_product_attention``.
 
 The latent-state model (``num_states > 0``) also embeds each token's latent state (``semdlm.kernels``: clean,
-global jump, neighbour slot). Positions whose x_0 is known copy x_t (carry-over, MDLM's SUBS): those with state
-``CLEAN``, and for the absorbing kernel every unmasked position; [MASK] is never predicted.
+global jump, neighbour slot). The kernel restricts the output to the x_0 consistent with what the model sees
+(``Kernel.constrain``: carry-over of known-clean positions, MDLM's SUBS, and the neighbour-slot preimage).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from semdlm.config import ModelConfig
-from semdlm.kernels import CLEAN
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,8 +105,6 @@ class Denoiser(nn.Module):
             if state is None:
                 raise ValueError("this denoiser is a latent-state model: pass the latent state of x_t")
             x = x + self.state_embed(state)
-        else:
-            state = None
         tt = t if self.cfg.time_conditioning else torch.zeros_like(t)
         c = F.silu(self.time(timestep_embedding(tt, self.cfg.cond_dim or self.cfg.d_model)))
         for block in self.blocks:
@@ -117,16 +114,4 @@ class Denoiser(nn.Module):
         logits = h @ self.embed.weight.T + self.bias  # weight-tied head
         if self.mask_id is not None:
             logits[..., self.mask_id] = float("-inf")
-        known = carry_over_mask(xt, state, self.mask_id)
-        if known is not None:  # carry-over: p_theta(x_0 | x_t) = delta_{x_t} where x_0 is known
-            copy = torch.full_like(logits, float("-inf")).scatter_(-1, xt[..., None], 0.0)
-            logits = torch.where(known[..., None], copy, logits)
         return logits.float()
-
-
-def carry_over_mask(xt: torch.Tensor, state: torch.Tensor | None, mask_id: int | None) -> torch.Tensor | None:
-    """Positions whose x_0 is x_t: latent state CLEAN when the state is seen, else x_t != [MASK] for the
-    absorbing kernel; None when no position is known (the paper's model of a non-absorbing kernel)."""
-    if state is not None:
-        return state == CLEAN
-    return xt != mask_id if mask_id is not None else None

@@ -5,7 +5,8 @@
 n_i counts the tokens in the window of position i: the ``window`` positions on each side, i itself excluded
 (ours: the paper says "a recent window"; in the semi-autoregressive sampler the left side holds the finished
 strides). S_+(k, l) = max(0, cos(k, l)) for k in the neighbour table of l, 0 elsewhere: each window token adds
-its similarity to at most k_max ids, so the cost is O(window * k_max) per position, never V x V.
+its similarity to at most k_max ids, so the cost is O(window * k_max) per position, never V x V. S_+ includes the
+token itself (cosine 1), as the paper's S_+ does: a repeated token is hit by both terms.
 Every tensor made here lives on the device of the inputs (the logits' for the [N, V] counts).
 """
 
@@ -48,8 +49,7 @@ def penalise(
             raise ValueError("lambda_sem > 0 needs the neighbour table and its similarities (graph stage)")
         nb = neighbours[ids]  # [N, W, K]: the ids each window token is similar to
         s = sims[ids].clamp_min(0.0) * valid[..., None]  # S_+(k, l) for k in N(l)
-        m = torch.zeros(N, V, dtype=logits.dtype, device=logits.device)
-        m.scatter_add_(1, nb.reshape(N, -1), s.reshape(N, -1).to(logits.dtype))
+        m = counts.scatter_add(1, nb.reshape(N, -1), s.reshape(N, -1).to(logits.dtype))  # S_+(k, k) = 1
         out = out - lambda_sem * torch.log1p(m)
     return out
 

@@ -1,9 +1,12 @@
 """Reverse-process samplers. All categorical draws use float64 probabilities and float64 uniforms.
 
-``ancestral`` works for every kernel. For the absorbing kernel it is MDLM's sampler: going from t to s < t,
-each masked position is revealed with probability (alpha_s - alpha_t) / (1 - alpha_t) and then drawn from
-p_theta(x_0 | x_t); which positions change is decided first, the categorical draw is made only there, and
-the network is not called at a step where nothing changes.
+Every sampler draws from one model per kernel (docs/samplers.md). In the latent-state model (``latent=True``, the
+default) the sampler carries each token's state (``semdlm.latent``) and the denoiser sees it; going from t to
+s < t the new states are drawn first (their reverse law R_{t->s} does not depend on x_0), the network is called
+only when some position changes state, and only those positions draw x^_0 ~ p_theta(x_0 | x_t, state_t).
+In the paper's model (``latent=False``) the denoiser sees x_t only and each step marginalises the state
+(``latent.marginal_reverse_step``); for the absorbing kernel the state is x_t itself, so both models coincide.
+Known-clean positions are always carried over (``Kernel.constrain``): a revealed token is never redrawn.
 """
 
 from __future__ import annotations
@@ -13,11 +16,20 @@ from dataclasses import dataclass
 
 import torch
 
-from semdlm.coupling import forward_step, reverse_step
 from semdlm.ctmc import is_markov, model_ratio, rate
 from semdlm.kernels import Kernel
+from semdlm.latent import (
+    draw,
+    forward_step,
+    marginal_forward_step,
+    marginal_reverse_step,
+    move,
+    reverse_states,
+    reverse_step,
+)
 
-Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t [B, L], t [B]) -> logits [B, L, V]
+# (x_t [B, L], t [B], state [B, L] or None) -> logits [B, L, V]
+Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 # (logits [N, V], x [B, L], positions [N, 2]) -> logits: e.g. the Eq. 23 penalties; identity when None
 Transform = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -33,11 +45,13 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row of (unnormalised) float64 ``probs`` ([N, V]) by inverse CDF."""
-    cdf = torch.cumsum(probs, dim=-1)
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(probs.shape[1] - 1)
+def truncate(logits: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """Top-k (0 = off) then nucleus truncation of logits ([N, V]), float64; -inf outside the kept set."""
+    logits = logits.to(torch.float64)
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return top_p_filter(logits, top_p)
 
 
 def categorical(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -45,20 +59,72 @@ def categorical(logits: torch.Tensor, generator: torch.Generator | None = None) 
     return draw(torch.softmax(logits.to(torch.float64), dim=-1), generator)
 
 
-def initial_state(kernel: Kernel, num: int, seq_len: int, x0_dist: torch.Tensor | None,
-                  generator: torch.Generator | None) -> torch.Tensor:
-    """x_1 from the kernel's reference distribution, with x_0 ~ ``x0_dist`` where that law depends on x_0."""
-    if kernel.is_absorbing:
-        return torch.full((num, seq_len), kernel.mask_id, dtype=torch.long)
-    if x0_dist is None and (kernel.schedule.alpha_min > 0 or kernel.uses_neighbours):
-        raise ValueError(f"kernel {kernel.name!r} needs x0_dist to draw its t=1 reference distribution")
-    return kernel.sample_prior((num, seq_len), x0_dist if x0_dist is not None else kernel.nu, generator)
-
-
 @dataclass
 class SampleResult:
     ids: torch.Tensor  # [N, L] long
     nfe: int  # network function evaluations
+
+
+class Chain:
+    """The sampler's state: tokens x ([B, L]), latent states (tracked in the latent-state model and for the
+    absorbing kernel, whose state x_t shows), the network and its call count, the penalties."""
+
+    def __init__(self, denoise: Denoise, kernel: Kernel, num: int, seq_len: int, latent: bool,
+                 x0_dist: torch.Tensor | None, generator: torch.Generator | None,
+                 transform: Transform | None = None) -> None:
+        self.denoise, self.kernel, self.num, self.gen, self.transform = denoise, kernel, num, generator, transform
+        self.latent = latent
+        self.tracked = latent or kernel.is_absorbing
+        if x0_dist is None and (kernel.schedule.alpha_min > 0 or kernel.uses_neighbours):
+            raise ValueError(f"kernel {kernel.name!r} needs x0_dist to draw its t=1 reference distribution")
+        self.x, self.state = kernel.sample_prior((num, seq_len), kernel.nu if x0_dist is None else x0_dist, generator)
+        self.nfe = 0
+
+    def logits(self, level: float) -> torch.Tensor:
+        """Constrained logits of p_theta(x_0 | x, state) at noise ``level`` for every position ([B, L, V])."""
+        seen = self.state if self.latent else None
+        t = torch.full((self.num,), level, device=self.x.device)
+        self.nfe += 1
+        return self.kernel.constrain(self.denoise(self.x, t, seen), self.x, seen)
+
+    def propose(self, logits: torch.Tensor, at: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+        """x^_0 at the positions ``at`` (bool [B, L]) from their logits, after the penalties and truncation."""
+        rows = logits[at]
+        if self.transform is not None:
+            rows = self.transform(rows, self.x, at.nonzero())
+        return categorical(truncate(rows, top_p, top_k), self.gen)
+
+    def reverse(self, t: float, s: float, cache: bool = True) -> None:
+        """One exact step t -> s of the model over the whole sequence."""
+        if self.tracked:
+            new = reverse_states(self.kernel, self.state.reshape(-1), t, s, self.gen).view_as(self.state)
+            change = new != self.state
+            logits = self.logits(t) if change.any() or not cache else None
+            if change.any():
+                x0_hat = self.propose(logits, change)
+                self.x[change] = move(self.kernel, self.x[change], self.state[change], new[change], x0_hat, self.gen)
+            self.state = new
+        else:
+            x0_hat = self.propose(self.logits(t), torch.ones_like(self.x, dtype=torch.bool))
+            self.x = marginal_reverse_step(self.kernel, self.x.reshape(-1), x0_hat, t, s, self.gen).view_as(self.x)
+
+    def correct(self, s: float, ds: float, at: torch.Tensor) -> None:
+        """Corrector at level s on the positions ``at``: x^_0 ~ p_theta(. | x_s), the process forward to s + ds and
+        back to s. With the exact posterior it leaves the level-s law invariant (a Gibbs step through x_0)."""
+        up = min(1.0, s + ds)
+        x0_hat = self.propose(self.logits(s), at)
+        x = self.x[at]
+        if self.tracked:
+            x, st = forward_step(self.kernel, x, self.state[at], x0_hat, s, up, self.gen)
+            x, st = reverse_step(self.kernel, x, st, x0_hat, up, s, self.gen)
+            self.state[at] = st
+        else:
+            x = marginal_forward_step(self.kernel, x, x0_hat, s, up, self.gen)
+            x = marginal_reverse_step(self.kernel, x, x0_hat, up, s, self.gen)
+        self.x[at] = x
+
+    def result(self) -> SampleResult:
+        return SampleResult(self.x, self.nfe)
 
 
 def ancestral(
@@ -72,44 +138,20 @@ def ancestral(
     on_step: Callable[[], None] | None = None,
     transform: Transform | None = None,
     cache: bool = True,
+    latent: bool = True,
 ) -> SampleResult:
-    """Ancestral sampling x_s ~ sum_x0 p_theta(x_0 | x_t) q(x_s | x_t, x_0) on ``steps`` uniform steps, 1 -> 0.
+    """Ancestral sampling on ``steps`` uniform steps 1 -> 0 of the kernel's model (``Chain.reverse``).
 
-    Absorbing kernel: MDLM's sampler (reveal first, draw only where revealed, skip the network when nothing
-    is revealed; ``cache=False`` calls it at every step, as MDLM's plain sampler, with identical output).
-    Other kernels: draw x_0 ~ p_theta(. | x_t) per position, then the reverse coupling of
-    ``semdlm.coupling`` (exact marginals q_s). x_1 comes from the kernel's reference distribution with
-    x_0 ~ ``x0_dist`` (needed only by kernels whose t=1 law depends on x_0, e.g. knn).
-    """
-    x = initial_state(kernel, num, seq_len, x0_dist, generator)
+    With ``cache`` the network is skipped at steps where no position changes state (``cache=False`` calls it at
+    every step with identical output). For the absorbing kernel this is MDLM's sampler. x_1 comes from the
+    kernel's reference distribution with x_0 ~ ``x0_dist`` (needed by kernels whose t=1 law depends on x_0)."""
+    chain = Chain(denoise, kernel, num, seq_len, latent, x0_dist, generator, transform)
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    nfe = 0
     for k in range(steps):
-        t, s = float(grid[k]), float(grid[k + 1])
-        tt = torch.full((num,), t)
-        if kernel.is_absorbing:
-            a_t, a_s = kernel.schedule.alpha(grid[k]), kernel.schedule.alpha(grid[k + 1])
-            u = torch.rand(x.shape, dtype=torch.float64, generator=generator)
-            reveal = (x == kernel.mask_id) & (u < (a_s - a_t) / (1.0 - a_t))
-            if not cache and not reveal.any():
-                denoise(x, tt)  # the plain sampler's network call, whose output no position uses
-                nfe += 1
-            if reveal.any():
-                logits = denoise(x, tt)[reveal]
-                if transform is not None:
-                    logits = transform(logits, x, reveal.nonzero())
-                x[reveal] = categorical(logits, generator)
-                nfe += 1
-        else:
-            logits = denoise(x, tt).reshape(num * seq_len, -1)
-            nfe += 1
-            if transform is not None:
-                logits = transform(logits, x, torch.ones_like(x, dtype=torch.bool).nonzero())
-            x0_hat = categorical(logits, generator)
-            x = reverse_step(kernel, x.reshape(-1), x0_hat, t, s, generator).view(num, seq_len)
+        chain.reverse(float(grid[k]), float(grid[k + 1]), cache)
         if on_step is not None:
             on_step()
-    return SampleResult(x, nfe)
+    return chain.result()
 
 
 def _leap(x: torch.Tensor, jump: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -131,16 +173,6 @@ def _rate_jumps(kernel: Kernel, x: torch.Tensor, p: torch.Tensor, level: torch.T
     return (r * dt).scatter(-1, x[:, None], 0.0)
 
 
-def renoise_denoise(kernel: Kernel, x: torch.Tensor, x0_hat: torch.Tensor, s: float, ds: float,
-                    generator: torch.Generator | None) -> torch.Tensor:
-    """Corrector for any kernel: the latent-flag process forward from s to s + ds and back, given x^_0.
-
-    With x^_0 drawn from the exact posterior q(x_0 | x_s) this leaves q_s invariant (a Gibbs step through
-    x_0; tests/test_coupling.py checks q_s(. | x_0) invariance)."""
-    up = min(1.0, s + ds)
-    return reverse_step(kernel, forward_step(kernel, x, x0_hat, s, up, generator), x0_hat, up, s, generator)
-
-
 def tau_leaping(
     denoise: Denoise,
     kernel: Kernel,
@@ -152,55 +184,45 @@ def tau_leaping(
     transform: Transform | None = None,
     on_step: Callable[[], None] | None = None,
     x0_dist: torch.Tensor | None = None,
+    latent: bool = True,
 ) -> SampleResult:
-    """CTMC tau-leaping (Campbell et al. 2022) with predictor-corrector, for every kernel.
+    """Tau-leaping with predictor-corrector.
 
-    Markov kernels (mask, uniform): predictor over [s, t] jumps x -> y with probability R^_t(x -> y)(t - s),
-    R^ = lambda_t nu(x) s(y) the model's reverse rate (``semdlm.ctmc``); the corrector at level s uses
-    forward plus reverse rates, lambda_s nu(y) + R^_s(x -> y), which leave q_s invariant.
-    Other kernels (knn, SemDLM+) have no CTMC generator with their marginals (docs/likelihood.md): the chain is
-    the latent-flag process of ``semdlm.coupling``, whose transition over a leap [s, t] is known in closed
-    form, so the predictor takes it exactly given x^_0 ~ p_theta(x_0 | x_t) (first-order rates would add
-    error and miss the jumps of the integer k_t), and the corrector is ``renoise_denoise``.
-    Correctors run after every predictor step except the last (s = 0). NFE = steps + corrector_steps * (steps - 1).
+    The paper's model of the Markov kernels (mask, uniform with ``latent=False``): Campbell et al. (2022), each
+    position jumps x -> y with probability R^_t(x -> y)(t - s), R^ = lambda_t nu(x) s(y) the model's reverse rate
+    (``semdlm.ctmc``); the corrector at level s leaps with forward plus reverse rates, which leave q_s invariant.
+    Every other model: its transition over a whole leap is known exactly (``semdlm.latent``), so the predictor
+    is that transition (first-order rates would only add error and miss the jumps of the integer k_t), and the
+    corrector is ``Chain.correct``. Correctors run after every predictor step except the last (s = 0).
     """
-    markov = is_markov(kernel)
-    x = initial_state(kernel, num, seq_len, x0_dist, generator).reshape(-1)
+    chain = Chain(denoise, kernel, num, seq_len, latent, x0_dist, generator, transform)
+    rates = is_markov(kernel) and not latent and not kernel.is_absorbing
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    nfe = 0
+    everywhere = torch.ones_like(chain.x, dtype=torch.bool)
 
-    def posterior(level: float) -> torch.Tensor:
-        nonlocal nfe
-        logits = denoise(x.view(num, seq_len), torch.full((num,), level)).reshape(num * seq_len, -1)
-        nfe += 1
+    def leap(level: torch.Tensor, dt: float, forward: bool) -> None:
+        logits = chain.logits(float(level)).reshape(-1, kernel.vocab_size)
         if transform is not None:
-            logits = transform(logits, x.view(num, seq_len), torch.ones(num, seq_len, dtype=torch.bool).nonzero())
-        return torch.softmax(logits.double(), -1)
+            logits = transform(logits, chain.x, everywhere.nonzero())
+        p = torch.softmax(logits.double(), -1)
+        x = chain.x.reshape(-1)
+        chain.x = _leap(x, _rate_jumps(kernel, x, p, level, dt, forward), generator).view_as(chain.x)
 
     for k in range(steps):
         t, s = grid[k].clamp_max(1 - 1e-9), grid[k + 1]
         dt = float(t - s)
-        if markov:
-            x = _leap(x, _rate_jumps(kernel, x, posterior(float(t)), t, dt, forward=False), generator)
+        if rates:
+            leap(t, dt, forward=False)
         else:
-            x = reverse_step(kernel, x, draw(posterior(float(t)), generator), float(t), float(s), generator)
+            chain.reverse(float(t), float(s), cache=False)
         for _ in range(corrector_steps if s > 0 else 0):
-            if markov:
-                x = _leap(x, _rate_jumps(kernel, x, posterior(float(s)), s, dt, forward=True), generator)
+            if rates:
+                leap(s, dt, forward=True)
             else:
-                x = renoise_denoise(kernel, x, draw(posterior(float(s)), generator), float(s), dt, generator)
+                chain.correct(float(s), dt, everywhere)
         if on_step is not None:
             on_step()
-    return SampleResult(x.view(num, seq_len), nfe)
-
-
-def truncate(logits: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
-    """Top-k (0 = off) then nucleus truncation of logits ([N, V]), float64; -inf outside the kept set."""
-    logits = logits.to(torch.float64)
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return top_p_filter(logits, top_p)
+    return chain.result()
 
 
 def blockwise(
@@ -219,54 +241,56 @@ def blockwise(
     on_step: Callable[[], None] | None = None,
     top_k: int = 0,
     corrector_steps: int = 0,
+    latent: bool = True,
 ) -> SampleResult:
     """The paper's semi-autoregressive "blockwise predictor" sampler (Sec. 5, App. E.1, Eq. 121).
 
     The sequence is cut into ``strides`` blocks, denoised left to right with ``steps // strides`` steps each;
-    every position starts from the kernel's reference distribution (nu for mask, uniform and SemDLM+). At a
-    step t -> s of the current block: predict p_theta(x_0 | x_t), apply ``transform`` (penalties), truncate
-    (``top_k``, ``top_p``), draw a clean proposal x^_0 and project it to level s with the kernel's reverse
-    coupling q(x_s | x_t, x^_0) (``semdlm.coupling``: a corrupted token is replaced by x^_0 with probability
-    (p_t - p_s) / p_t, p_t = 1 - alpha_t, else moved within the level-s kernel). The projected token is
-    accepted with probability (1 - p_theta(x_t^i | x_t))^rho (Eq. 121's confidence factor), never at frozen
-    positions (confidence above ``freeze_threshold``). Then ``corrector_steps`` predictor-corrector steps
-    (``renoise_denoise``) at level s on the block. With rho = 0, no freezing and no truncation this is the
-    exact ancestral sampler run block by block. (Reading Eq. 121 as "replace by a fresh draw from
-    q_s(. | x^_0)" instead does not converge: for mask it unmasks only (t - s)^2 / t per step;
-    docs/samplers.md.) NFE = strides * (per-block steps + corrector_steps * (per-block steps - 1)).
+    every position starts from the kernel's reference distribution. At a step t -> s of the current block the
+    model's own reverse step proposes each position's next token (``Chain.reverse``'s move: new states first,
+    then x^_0 ~ p_theta truncated by ``top_k`` / ``top_p`` where a state changes; in the paper's model x^_0 at
+    every position and the state-marginalised step). Eq. 121's confidence factor accepts the proposal with
+    probability (1 - p_theta(x_t^i | x_t))^rho, never at frozen positions (confidence above
+    ``freeze_threshold``); a carried-over (known-clean) position has confidence 1 and is never redrawn. Then
+    ``corrector_steps`` correctors at level s on the block's unfrozen positions. With rho = 0, no freezing and
+    no truncation this is the exact ancestral sampler run block by block (docs/samplers.md). NFE <=
+    strides * (per-block steps + corrector_steps * (per-block steps - 1)).
     """
     if seq_len % strides:
         raise ValueError(f"strides={strides} does not divide seq_len={seq_len}")
+    chain = Chain(denoise, kernel, num, seq_len, latent, x0_dist, generator, transform)
     per_block = max(1, steps // strides)
     block = seq_len // strides
-    x = initial_state(kernel, num, seq_len, x0_dist, generator)
     grid = torch.linspace(1.0, 0.0, per_block + 1, dtype=torch.float64)
-    nfe = 0
+    cols = torch.arange(seq_len, device=chain.x.device)
     for b in range(strides):
-        lo, hi = b * block, (b + 1) * block
-        frozen = torch.zeros(num, block, dtype=torch.bool)
-        pos = torch.stack(torch.meshgrid(torch.arange(num), torch.arange(lo, hi), indexing="ij"), -1).reshape(-1, 2)
-
-        def predict(level: float, lo: int = lo, hi: int = hi, pos: torch.Tensor = pos) -> torch.Tensor:
-            nonlocal nfe
-            logits = denoise(x, torch.full((num,), level))[:, lo:hi].reshape(num * block, -1)
-            nfe += 1
-            return logits if transform is None else transform(logits, x, pos)
-
+        inside = ((cols >= b * block) & (cols < (b + 1) * block)).expand(num, -1)
+        frozen = torch.zeros_like(inside)
         for k in range(per_block):
             t, s = float(grid[k]), float(grid[k + 1])
-            logits = predict(t)
-            current = x[:, lo:hi].reshape(-1)
-            conf = torch.softmax(logits.double(), -1).gather(-1, current[:, None]).squeeze(-1).view(num, block)
-            frozen |= conf > freeze_threshold
-            x0_hat = categorical(truncate(logits, top_p, top_k), generator)
-            proposal = reverse_step(kernel, current, x0_hat, t, s, generator).view(num, block)
-            accept = torch.rand(num, block, dtype=torch.float64, generator=generator) < (1.0 - conf).clamp_min(0) ** rho
-            x[:, lo:hi] = torch.where(accept & ~frozen, proposal, x[:, lo:hi])
+            if chain.tracked:
+                new = reverse_states(kernel, chain.state.reshape(-1), t, s, generator).view_as(chain.state)
+                change = (new != chain.state) & inside & ~frozen
+            else:
+                new, change = chain.state, inside & ~frozen
+            if change.any():
+                logits = chain.logits(t)
+                conf = torch.softmax(logits.double(), -1).gather(-1, chain.x[..., None]).squeeze(-1)
+                frozen |= inside & (conf > freeze_threshold)
+                change &= ~frozen
+                x0_hat = chain.propose(logits, change, top_p, top_k)
+                x, st = chain.x[change], chain.state[change]
+                if chain.tracked:
+                    proposal, new_st = move(kernel, x, st, new[change], x0_hat, generator), new[change]
+                else:
+                    proposal, new_st = marginal_reverse_step(kernel, x, x0_hat, t, s, generator), st
+                u = torch.rand(len(x), dtype=torch.float64, generator=generator, device=x.device)
+                accept = u < (1.0 - conf[change]).clamp_min(0.0) ** rho  # Eq. 121's confidence factor
+                chain.x[change] = torch.where(accept, proposal, x)
+                chain.state[change] = torch.where(accept, new_st, st)
             for _ in range(corrector_steps if s > 0 else 0):
-                x0_hat = categorical(truncate(predict(s), top_p, top_k), generator)
-                fixed = renoise_denoise(kernel, x[:, lo:hi].reshape(-1), x0_hat, s, t - s, generator)
-                x[:, lo:hi] = torch.where(frozen, x[:, lo:hi], fixed.view(num, block))
+                chain.correct(s, t - s, inside & ~frozen)
             if on_step is not None:
                 on_step()
-    return SampleResult(x, nfe)
+    return chain.result()
+

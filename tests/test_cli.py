@@ -39,7 +39,7 @@ def base_workspace(tmp_path_factory, evaluator_dir) -> Path:
     ws = tmp_path_factory.mktemp("ws")
     write_params(ws / "params.yaml", evaluator_dir)
     with cwd(ws):
-        for cmd in (["tokenize"], ["graph"], ["prior"], ["train", "--kernel", "mask"]):
+        for cmd in (["tokenize"], ["prior"], ["graph"], ["train", "--kernel", "mask"]):
             res = invoke(*cmd)
             assert res.exit_code == 0, res.output
     return ws

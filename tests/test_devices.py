@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.__main__ import app
-from pipeline.common import StageError, in_precision, resolve_device
+from pipeline.common import StageError, resolve_device
 from semdlm.config import ConfigError, ModelConfig, SamplerConfig, parse_params
 from semdlm.kernels import masking
 from semdlm.model import Denoiser
@@ -99,10 +99,10 @@ def test_stage_sampling_on_the_cpu_is_the_library_sampler_with_a_cpu_generator(n
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         for n in (3, 2):
-            want += ancestral(model, kernel, n, 8, cfg.steps, gen).ids.tolist()
+            want += ancestral(model, kernel, n, 8, cfg.steps, gen, latent=False).ids.tolist()
     for value in ("auto", "cpu"):
         device = resolve_device(value, "sampler.device")
-        got, _, _ = draw(in_precision(model, device, precision), 8, kernel, cfg, None, None, device)
+        got, _, _ = draw(model, kernel, cfg, None, None, device, precision)
         assert got == want, value
-    other, _, _ = draw(model, 8, kernel, dataclasses.replace(cfg, seed=4), None, None, torch.device("cpu"))
+    other, _, _ = draw(model, kernel, dataclasses.replace(cfg, seed=4), None, None, torch.device("cpu"), precision)
     assert other != want  # the comparison can fail: the seed matters

@@ -26,8 +26,9 @@ def test_penalties_match_hand_computed_logits():
     logits = torch.zeros(1, V, dtype=torch.float64)
     window = torch.tensor([[0, 0, 3, -1]])  # n(0) = 2, n(3) = 1
     out = penalise(logits, window, lambda_freq=1.0, lambda_sem=2.0, neighbours=NEIGHBOURS, sims=SIMS)
-    # m(k) = sum_l S+(k, l) n(l): token 0 spreads 0.9 to id 1 and 0.5 to id 2 (twice); token 3 gives 0.8 to 4
-    m = torch.tensor([0.0, 1.8, 1.0, 0.0, 0.8, 0.0], dtype=torch.float64)  # S+(5, 3) = max(0, -0.2) = 0
+    # m(k) = sum_l S+(k, l) n(l): token 0 spreads 0.9 to id 1 and 0.5 to id 2 (twice); token 3 gives 0.8 to 4;
+    # S+(k, k) = 1 adds each window token's own count: m(0) = 2, m(3) = 1
+    m = torch.tensor([2.0, 1.8, 1.0, 1.0, 0.8, 0.0], dtype=torch.float64)  # S+(5, 3) = max(0, -0.2) = 0
     n = torch.tensor([2.0, 0, 0, 1, 0, 0], dtype=torch.float64)
     expected = -torch.log1p(n) - 2.0 * torch.log1p(m)
     torch.testing.assert_close(out[0], expected)

@@ -36,7 +36,8 @@ def test_repro_makes_every_out_and_leaves_a_clean_status(project, fresh_repro):
             assert key in child.data.metrics
         assert child.data.params["sampler.steps"] == "4"
     report = (project / "reports/report.md").read_text()
-    assert "semdlm_plus" in report and "paper: LM1B test PPL" in report
+    assert "semdlm_plus" in report and "gen PPL protocol `windows`" in report and "packing `cls_sep`" in report
+    assert "paper: LM1B" not in report and "No paper column" in report  # the tiny project is bbcnews, not LM1B
 
 
 def test_track_again_does_not_duplicate_runs(project):

@@ -40,6 +40,31 @@ def tiny_evaluator(path: Path) -> Path:
     return path
 
 
+GPT2_LAYOUT_WORDS = ("<|endoftext|>", "the", "cat", "sat", "on", "mat", "a", "dog", "[", "unk", "]")
+
+
+def gpt2_layout_evaluator(path: Path) -> Path:
+    """A 1-layer GPT-2 whose tokenizer has GPT-2's special-token layout: BOS = EOS = UNK = <|endoftext|> (id 0),
+    no pad token, nothing added by default; a hand-enumerable word-level vocabulary (GPT2_LAYOUT_WORDS)."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    if (path / "config.json").exists():
+        return path
+    eos = GPT2_LAYOUT_WORDS[0]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(GPT2_LAYOUT_WORDS)}, unk_token=eos))
+    raw.normalizer = normalizers.Lowercase()
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=eos, eos_token=eos, unk_token=eos)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(GPT2_LAYOUT_WORDS), n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                     bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def write_params(path: Path, evaluator: Path, **overrides: dict) -> Path:
     """The repository's params.yaml with TINY_PARAMS and ``overrides`` merged in (every key stays present)."""
     from pipeline.profile import deep_merge
