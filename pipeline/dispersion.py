@@ -3,7 +3,8 @@
 For each t of a midpoint grid, x_t ~ q_t(. | x_0) is drawn for 2 x ``dispersion.sequences`` validation
 sequences; the same tokens give the posterior entropy h(t; Q) (semdlm.dispersion) and, split in two halves,
 two independent gradients of L_t = mean_i -log p_theta(x_0^i | x_t) at the trained parameters. One process for
-every kernel: a few seconds each on a 2-core CPU.
+every kernel: a few seconds each on a 2-core CPU. Everything runs on ``dispersion.device`` (the network in the
+training precision, the posterior entropies in float64, the draws from a generator on that device).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pipeline.artifacts import (
     load_unigram,
     load_vocab,
 )
-from pipeline.common import StageError, write_json
+from pipeline.common import StageError, autocast, on_device, resolve_device, write_json
 from semdlm.config import Params
 from semdlm.dispersion import between_t_variance, dispersion, mean_posterior_entropy, midpoint_times
 from semdlm.kernels import Kernel
@@ -30,39 +31,43 @@ from semdlm.model import Denoiser
 
 
 def gradient(model: Denoiser, kernel: Kernel, x0: torch.Tensor, xt: torch.Tensor, state: torch.Tensor,
-             t: float) -> torch.Tensor:
-    """Flattened d L_t / d theta on one batch (the unweighted denoising CE of the paper's Sec. 3.2.3)."""
+             t: float, precision: str) -> torch.Tensor:
+    """Flattened d L_t / d theta on one batch (the unweighted denoising CE of the paper's Sec. 3.2.3), on the
+    device of ``x0`` in the training ``precision``."""
     model.zero_grad(set_to_none=True)
     seen = state if model.num_states else None
-    logits = kernel.constrain(model(xt, torch.full((x0.shape[0],), t, dtype=torch.float32), seen), xt, seen)
-    token_ce(logits, x0).mean().backward()
+    with autocast(x0.device, precision):
+        logits = model(xt, torch.full((x0.shape[0],), t, dtype=torch.float32, device=x0.device), seen)
+        ce = token_ce(kernel.constrain(logits, xt, seen), x0)
+    ce.mean().backward()
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
-def measure(params: Params, kernel_name: str, vocab: Vocab, m: torch.Tensor, valid: torch.Tensor) -> dict:
-    """Fig. 3 numbers of one kernel; ``m`` is the train unigram (the per-token data law of the posterior)."""
-    cfg = params.dispersion
-    kernel = load_kernel(kernel_name, params, vocab)
-    model = load_denoiser(kernel_name)
+def measure(params: Params, kernel_name: str, vocab: Vocab, m: torch.Tensor, x0: torch.Tensor) -> dict:
+    """Fig. 3 numbers of one kernel on the device of ``x0`` (2 x dispersion.sequences validation rows); ``m`` is the
+    train unigram (the per-token data law of the posterior)."""
+    cfg, device = params.dispersion, x0.device
+    kernel = on_device(load_kernel(kernel_name, params, vocab), device)
+    model = load_denoiser(kernel_name).to(device)
     n = cfg.sequences
-    x0 = valid[: 2 * n]
     times = midpoint_times(cfg.times, params.train.t_eps)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     start = time.perf_counter()
     h, ga, gb = [], [], []
     for t in times.tolist():
-        xt, state = kernel.corrupt(x0, torch.full((x0.shape[0],), t, dtype=torch.float64), gen)
+        xt, state = kernel.corrupt(x0, torch.full((x0.shape[0],), t, dtype=torch.float64, device=device), gen)
         h.append(mean_posterior_entropy(kernel, m, xt, t))
-        ga.append(gradient(model, kernel, x0[:n], xt[:n], state[:n], t))
-        gb.append(gradient(model, kernel, x0[n:], xt[n:], state[n:], t))
+        ga.append(gradient(model, kernel, x0[:n], xt[:n], state[:n], t, params.train.precision))
+        gb.append(gradient(model, kernel, x0[n:], xt[n:], state[n:], t, params.train.precision))
     h = torch.tensor(h, dtype=torch.float64)
     between, noise = between_t_variance(torch.stack(ga), torch.stack(gb))
     return {"times": times.tolist(), "posterior_entropy": h.tolist(), "dispersion": dispersion(h),
             "mean_posterior_entropy": float(h.mean()), "grad_var_between": between, "grad_noise": noise,
-            "sequences": n, "wall_s": time.perf_counter() - start}
+            "sequences": n, "device": str(device), "wall_s": time.perf_counter() - start}
 
 
 def run(params: Params) -> None:
+    device = resolve_device(params.dispersion.device, "dispersion.device")
     valid = load_split("valid")
     if len(valid) < 2 * params.dispersion.sequences:
         raise StageError(
@@ -70,5 +75,6 @@ def run(params: Params) -> None:
             f"sequences but the valid split has {len(valid)}; lower dispersion.sequences"
         )
     vocab = load_vocab()
-    m = load_unigram(vocab)
-    write_json(DISPERSION, {k: measure(params, k, vocab, m, valid) for k in params.kernels})
+    m = load_unigram(vocab).to(device)
+    x0 = valid[: 2 * params.dispersion.sequences].to(device)
+    write_json(DISPERSION, {k: measure(params, k, vocab, m, x0) for k in params.kernels})

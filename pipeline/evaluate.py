@@ -99,7 +99,8 @@ def run(cfg: EvalConfig, kernel_name: str) -> None:
         for steps, g in df.groupby("steps", sort=True)
     }
     write_json(metrics_dir(kernel_name) / "eval.json", {**provenance(cfg, len(df["ids"].iloc[0])),
-                                                        "wall_s": time.perf_counter() - start, "by_steps": by_steps})
+                                                        "device": str(e.device), "wall_s": time.perf_counter() - start,
+                                                        "by_steps": by_steps})
 
 
 def reference(cfg: EvalConfig, seed: int = 0) -> None:
@@ -113,5 +114,5 @@ def reference(cfg: EvalConfig, seed: int = 0) -> None:
     e = ev.load(cfg)
     rows = {name: score(e, vocab, ids.tolist(), cfg, f"reference {name}")
             for name, ids in (("heldout_text", valid), ("unigram_samples", unigram))}
-    rows.update(provenance(cfg, valid.shape[1]))
+    rows.update(provenance(cfg, valid.shape[1]), device=str(e.device))
     write_json(REFERENCE, rows)

@@ -13,7 +13,7 @@ import torch
 
 from pipeline import assets
 from pipeline.artifacts import EVALUATOR
-from pipeline.common import StageError, atomic, require, write_json
+from pipeline.common import StageError, atomic, require, resolve_device, write_json
 from semdlm.config import EvalConfig
 
 
@@ -59,6 +59,7 @@ class Evaluator:
     model: torch.nn.Module
     tokenizer: object
     context: int
+    device: torch.device = torch.device("cpu")  # where ``model`` is; ``load`` puts it on eval.device
 
     def encode(self, text: str, special_tokens: bool = False) -> list[int]:
         """Evaluator ids of ``text``; ``special_tokens``: with whatever the tokenizer adds by default (MDLM)."""
@@ -66,15 +67,18 @@ class Evaluator:
 
     @torch.no_grad()
     def logits(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids, attention_mask=attention_mask).logits
+        """One batch scored on the evaluator's device (the logits stay there)."""
+        return self.model(input_ids=ids.to(self.device), attention_mask=attention_mask.to(self.device)).logits
 
 
 def load(cfg: EvalConfig) -> Evaluator:
+    """The prepared evaluator in ``eval.dtype`` on ``eval.device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(cfg.device, "eval.device")
     path = require(Path(EVALUATOR) / "config.json", "evaluator").parent
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).eval()  # no pickle
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).eval().to(device)  # no pickle
     tok = AutoTokenizer.from_pretrained(path)
     context = int(getattr(model.config, "max_position_embeddings", 1024) or 1024)
-    return Evaluator(cfg.model, model, tok, min(context, 1024))
+    return Evaluator(cfg.model, model, tok, min(context, 1024), device)

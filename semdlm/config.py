@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,6 +25,12 @@ class ConfigError(ValueError):
 def _check(ok: bool, msg: str) -> None:
     if not ok:
         raise ConfigError(msg)
+
+
+def check_device(value: str, key: str) -> None:
+    """A device setting: ``auto`` (CUDA when torch sees one, else the CPU), ``cpu``, ``cuda`` or ``cuda:<n>``."""
+    _check(isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None,
+           f"{key}={value!r} is not a device; use auto (CUDA when available), cpu, cuda or cuda:<index>")
 
 
 @dataclass(frozen=True)
@@ -190,8 +197,10 @@ class SamplerConfig:
     num_samples: int = 32
     batch_size: int = 32
     seed: int = 0
+    device: str = "auto"  # network and float64 sampling arithmetic: auto (CUDA when available), cpu, cuda[:n]
 
     def __post_init__(self) -> None:
+        check_device(self.device, "sampler.device")
         _check(
             self.name in SAMPLER_NAMES,
             f"sampler.name={self.name!r} is unknown; choose one of {', '.join(SAMPLER_NAMES)}",
@@ -236,8 +245,10 @@ class EvalConfig:
     num_reference: int = 32  # held-out texts and unigram samples scored as reference rows
     min_entropy: float = 4.8  # Table 3 threshold (nats); marked, not hidden; applied only where ln L >= it
     protocol: str = "auto"  # gen PPL: "mdlm", "windows"; "auto" = mdlm for gpt2-large, else windows
+    device: str = "auto"  # where the evaluator scores: auto (CUDA when available), cpu, cuda[:n]
 
     def __post_init__(self) -> None:
+        check_device(self.device, "eval.device")
         _check(self.protocol in PROTOCOLS,
                f"eval.protocol={self.protocol!r} is unknown; use 'mdlm' (MDLM's gen PPL), 'windows' or 'auto'")
         _check(self.dtype in ("float32", "bfloat16"), f"eval.dtype={self.dtype!r}: use float32 or bfloat16")
@@ -260,8 +271,10 @@ class DispersionConfig:
     times: int = 8
     sequences: int = 4
     seed: int = 0
+    device: str = "auto"  # auto (CUDA when available), cpu, cuda[:n]
 
     def __post_init__(self) -> None:
+        check_device(self.device, "dispersion.device")
         _check(self.times >= 2, f"dispersion.times={self.times} must be >= 2 (a variance over t needs two times)")
         _check(self.sequences >= 1, f"dispersion.sequences={self.sequences} must be >= 1")
 

@@ -8,6 +8,7 @@ the train unigram m (a factorised data model: the exact sequence posterior is in
 (Eq. 117), with x_t drawn from the kernel applied to real validation tokens. D(Q) = Var_t h(t; Q) over a
 midpoint grid of t (App. B.6.2). The column q_t(j | .) needs the *reverse* neighbour lists (which v have j
 among their k nearest); they are built once per k from the [V, k] table, never as a V x V matrix.
+Every tensor made here lives on the device of the inputs (the kernel's, the tokens').
 """
 
 from __future__ import annotations
@@ -30,30 +31,32 @@ class ReverseNeighbours:
         V = table.shape[0]
         targets = table.reshape(-1)
         order = torch.argsort(targets, stable=True)
-        self.sources = torch.arange(V).repeat_interleave(k)[order]
+        self.sources = torch.arange(V, device=table.device).repeat_interleave(k)[order]
         self.counts = torch.bincount(targets, minlength=V)
         self.start = torch.cumsum(self.counts, 0) - self.counts
 
     def indicator(self, j: torch.Tensor, V: int) -> torch.Tensor:
         """[N, V] float64 count of j_n in N_k(v) (a 0/1 matrix unless a row lists a neighbour twice)."""
         counts = self.counts[j]
-        rows = torch.repeat_interleave(torch.arange(j.numel()), counts)
+        rows = torch.repeat_interleave(torch.arange(j.numel(), device=j.device), counts)
         first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        cols = self.sources[torch.repeat_interleave(self.start[j], counts) + torch.arange(int(counts.sum())) - first]
-        out = torch.zeros(j.numel(), V, dtype=torch.float64)
-        return out.index_put_((rows, cols), torch.ones(rows.numel(), dtype=torch.float64), accumulate=True)
+        slots = torch.arange(int(counts.sum()), device=j.device)
+        cols = self.sources[torch.repeat_interleave(self.start[j], counts) + slots - first]
+        out = torch.zeros(j.numel(), V, dtype=torch.float64, device=j.device)
+        return out.index_put_((rows, cols), torch.ones(rows.numel(), dtype=torch.float64, device=j.device),
+                              accumulate=True)
 
 
 def posterior_entropy(kernel: Kernel, m: torch.Tensor, xt: torch.Tensor, t: float, chunk: int = 256) -> torch.Tensor:
     """H(q(x_0 | x_t = j)) in nats for each j in ``xt`` (1-D), prior ``m`` over x_0 ([V] float64)."""
-    a, b, c, k = (float(v) for v in kernel.coefficients(torch.tensor([t], dtype=torch.float64)))
+    a, b, c, k = (float(v) for v in kernel.coefficients(torch.tensor([t], dtype=torch.float64, device=m.device)))
     m = m.to(torch.float64)
     V = m.numel()
     reverse = ReverseNeighbours(kernel.neighbours, int(k)) if kernel.uses_neighbours and c > 0 else None
     out = []
     for j in xt.reshape(-1).split(chunk):
         lik = (b * kernel.nu[j]).unsqueeze(1).expand(-1, V).clone()  # q_t(j | v) for every v: [N, V]
-        lik[torch.arange(j.numel()), j] += a
+        lik[torch.arange(j.numel(), device=j.device), j] += a
         if reverse is not None:
             lik += (c / k) * reverse.indicator(j, V)
         w = m * lik

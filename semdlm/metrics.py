@@ -79,9 +79,10 @@ def right_pad(rows: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[
 
 def target_nll(logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ids: torch.Tensor,
                att: torch.Tensor) -> torch.Tensor:
-    """[B, T-1] NLL (nats, float32 or wider) of ids[:, 1:] given the prefix, unweighted."""
+    """[B, T-1] NLL (nats, float32 or wider) of ids[:, 1:] given the prefix, unweighted, on the CPU; the logits
+    may come from any device (the evaluator's), where the NLL is computed."""
     logits = logits_fn(ids, att).float()
-    return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(logits.device), reduction="none").cpu()
 
 
 def mdlm_rows(encoded: Sequence[Sequence[int]], max_length: int, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:

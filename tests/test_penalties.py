@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from semdlm.penalties import penalise, window_tokens
+from semdlm.penalties import penalise, penalty, window_tokens
 
 V = 6
 NEIGHBOURS = torch.tensor([[1, 2], [0, 2], [1, 0], [4, 5], [3, 5], [4, 3]])
@@ -46,3 +46,25 @@ def test_larger_lambda_sem_lowers_neighbours_of_repeated_tokens():
 def test_semantic_penalty_needs_the_neighbour_table():
     with pytest.raises(ValueError, match="neighbour table"):
         penalise(torch.zeros(1, V), torch.tensor([[0]]), 0.0, 1.0)
+
+
+def test_penalty_transform_is_eq23_on_the_window_and_none_when_off():
+    assert penalty(0.0, 0.0, 4) is None
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, V, (2, 7), generator=gen)
+    pos = torch.tensor([[0, 0], [1, 3], [1, 6]])
+    logits = torch.randn(3, V, generator=gen)  # float32 in, float64 out
+    got = penalty(0.5, 1.5, 2, NEIGHBOURS, SIMS)(logits, x, pos)
+    assert got.dtype == torch.float64
+    want = penalise(logits.double(), window_tokens(x, pos, 2), 0.5, 1.5, NEIGHBOURS, SIMS)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_penalties_make_every_tensor_on_the_device_of_their_inputs():
+    """On the meta device a tensor made on the CPU would meet the inputs and raise: every one follows them."""
+    meta = torch.device("meta")
+    x = torch.zeros(2, 7, dtype=torch.long, device=meta)
+    pos = torch.zeros(3, 2, dtype=torch.long, device=meta)
+    nb, sims = NEIGHBOURS.to(meta), SIMS.to(meta)
+    out = penalty(0.5, 1.5, 2, nb, sims)(torch.zeros(3, V, device=meta), x, pos)
+    assert out.device == meta and out.shape == (3, V) and out.dtype == torch.float64
