@@ -14,9 +14,7 @@ import pandas as pd
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline import assets
 from pipeline.artifacts import (
-    Vocab,
     load_denoiser,
     load_graph,
     load_kernel,
@@ -26,17 +24,12 @@ from pipeline.artifacts import (
     samples_path,
 )
 from pipeline.common import StageError, in_precision, on_device, resolve_device, write_json, write_parquet
+from pipeline.evaluate import decode
 from semdlm.config import Params, SamplerConfig
 from semdlm.kernels import Kernel
 from semdlm.model import Denoiser
 from semdlm.penalties import penalty
 from semdlm.samplers import Transform, ancestral, blockwise, tau_leaping
-
-
-def decode(vocab: Vocab, rows: list[list[int]]) -> list[str]:
-    """Compact ids -> bert ids -> text (special tokens dropped), the same for samples and reference text."""
-    tok = assets.tokenizer()
-    return tok.decode_batch([vocab.ids[r].tolist() for r in rows], skip_special_tokens=True)
 
 
 def penalty_on(cfg: SamplerConfig, device: torch.device) -> Transform | None:

@@ -40,7 +40,7 @@ from pipeline.artifacts import (
     metrics_dir,
     model_path,
 )
-from pipeline.common import StageError, atomic, load_params, read_json, write_json
+from pipeline.common import StageError, atomic, autocast, load_params, read_json, resolve_device, write_json
 from semdlm.config import Params, TrainConfig
 from semdlm.kernels import Kernel
 from semdlm.likelihood import bound_name, token_prior_kl, validation_nelbo
@@ -104,10 +104,8 @@ def setup_dist(cfg: TrainConfig) -> Dist:
     if cfg.batch_size % (world * cfg.grad_accum):
         raise StageError(f"train.batch_size={cfg.batch_size} is not divisible by {world} ranks x "
                          f"train.grad_accum={cfg.grad_accum}; change batch_size or grad_accum")
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cuda and not torch.cuda.is_available():
-        raise StageError("train.device=cuda but torch sees no CUDA device; use train.device=auto or cpu")
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    device = resolve_device(cfg.device, "train.device", local)
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
@@ -228,11 +226,6 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
     net: Callable[..., torch.Tensor] = ddp or model
     if cfg.compile:
         net = torch.compile(net)
-    bf16 = dist.device.type == "cuda" and cfg.precision == "bf16"
-
-    def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
     eval_bs = min(cfg.batch_size, max(1, EVAL_LOGITS // (seq_len * vocab.size)))  # the same for any rank count
 
     @functools.cache
@@ -303,7 +296,7 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
             loss_sum = torch.zeros((), device=dist.device)
             for j in range(cfg.grad_accum):
                 defer = ddp is not None and j < cfg.grad_accum - 1  # all-reduce once, after the last micro-batch
-                with (ddp.no_sync() if defer else contextlib.nullcontext()), autocast():
+                with (ddp.no_sync() if defer else contextlib.nullcontext()), autocast(dist.device, cfg.precision):
                     loss = train_step(net, kernel, batch, slice(j * micro, (j + 1) * micro), kcfg, norm,
                                       params.model.latent_state, batch.seeds[j])
                 loss_sum += loss.detach()
