@@ -38,7 +38,7 @@ def gradient(model: Denoiser, kernel: Kernel, x0: torch.Tensor, xt: torch.Tensor
     seen = state if model.num_states else None
     with autocast(x0.device, precision):
         logits = model(xt, torch.full((x0.shape[0],), t, dtype=torch.float32, device=x0.device), seen)
-        ce = token_ce(kernel.constrain(logits, xt, seen), x0)
+        ce = token_ce(logits, x0, kernel, xt, seen)
     ce.mean().backward()
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 

@@ -106,13 +106,20 @@ class Kernel:
         slot = (state - NEIGHBOUR).clamp_min(0)
         return torch.where(state >= NEIGHBOUR, self.neighbours[x0, slot], x0)
 
+    def known(self, xt: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor | None:
+        """Positions whose x_0 is x_t to the model (state CLEAN when it sees the state, else x_t unmasked for the
+        absorbing kernel); None when there are none (the paper's model of a non-absorbing kernel)."""
+        if state is not None:
+            return state == CLEAN
+        return xt != self.mask_id if self.is_absorbing else None
+
     def constrain(self, logits: torch.Tensor, xt: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
         """Restrict logits of p_theta(x_0 | x_t, state) ([..., V], matching ``xt``) to the x_0 consistent with what
         the model sees: never [MASK]; x_0 = x_t where it is known (carry-over, MDLM's SUBS: state CLEAN, or x_t
         unmasked for the absorbing kernel); x_0 in {y : N(y)[r] = x_t} at neighbour slot r."""
         if self.is_absorbing:
             logits = logits.index_fill(-1, torch.tensor([self.mask_id], device=logits.device), float("-inf"))
-        known = (state == CLEAN) if state is not None else (xt != self.mask_id) if self.is_absorbing else None
+        known = self.known(xt, state)
         if known is not None and bool(known.any()):
             at = known.nonzero(as_tuple=True)  # write only the known rows: delta at x_t
             rows = torch.full((len(at[0]), logits.shape[-1]), float("-inf"), dtype=logits.dtype, device=logits.device)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from semdlm.kernels import Kernel
+from semdlm.kernels import NEIGHBOUR, Kernel
 
 
 def stratified_times(batch: int, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -31,10 +31,20 @@ def time_weight(kernel: Kernel, t: torch.Tensor) -> torch.Tensor:
     return -s.dalpha(t) / (1.0 - s.alpha(t)).clamp_min(1e-12)
 
 
-def token_ce(logits: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-    """-log p_theta(x_0^i | x_t) per position ([B, L]) from constrained logits (``Kernel.constrain``: 0 at the
-    carried-over positions). Flat [B * L, V] layout: the [B, V, L] one runs a spatial softmax several times slower."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x0.reshape(-1), reduction="none").view_as(x0)
+def token_ce(logits: torch.Tensor, x0: torch.Tensor, kernel: Kernel, xt: torch.Tensor,
+             state: torch.Tensor | None) -> torch.Tensor:
+    """-log p_theta(x_0^i | x_t, state) per position ([B, L]) under ``Kernel.constrain``, without copying the
+    [B, L, V] logits: 0 at the known (carried-over) positions, the neighbour-slot preimage applied to those rows
+    alone. The model's own logits must already exclude [MASK] (``Denoiser`` does). Flat [B * L, V] layout: the
+    [B, V, L] one runs a spatial softmax several times slower."""
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x0.reshape(-1), reduction="none").view_as(x0)
+    known = kernel.known(xt, state)
+    if known is not None:
+        ce = ce.masked_fill(known, 0.0)
+    if state is not None and kernel.num_states > NEIGHBOUR and bool((slot := state >= NEIGHBOUR).any()):
+        restricted = kernel.constrain(logits[slot], xt[slot], state[slot])
+        ce = ce.masked_scatter(slot, F.cross_entropy(restricted, x0[slot], reduction="none"))
+    return ce
 
 
 def change_aware_loss(

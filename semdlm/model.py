@@ -87,6 +87,10 @@ class Denoiser(nn.Module):
         nn.init.zeros_(self.ada_out.weight)
         nn.init.zeros_(self.ada_out.bias)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
+        never = torch.zeros(vocab_size)
+        if mask_id is not None:
+            never[mask_id] = float("-inf")  # [MASK] is never a clean token
+        self.register_buffer("never", never, persistent=False)
         cos, sin = rotary_tables(seq_len, d // cfg.n_heads)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
@@ -112,7 +116,4 @@ class Denoiser(nn.Module):
             x = block(x, c, self.cos[:L], self.sin[:L])
         shift, scale = self.ada_out(c)[:, None].chunk(2, dim=-1)
         h = self.norm(x) * (1 + scale) + shift
-        logits = F.linear(h, self.embed.weight, self.bias)  # weight-tied head, bias fused
-        if self.mask_id is not None:
-            logits[..., self.mask_id] = float("-inf")
-        return logits.float()
+        return F.linear(h, self.embed.weight, self.bias + self.never).float()  # weight-tied head, bias fused

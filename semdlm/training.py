@@ -163,12 +163,12 @@ def normaliser(counts: torch.Tensor, kcfg: KernelConfig) -> torch.Tensor:
 def train_step(model: Callable[..., torch.Tensor], kernel: Kernel, batch: Batch, rows: slice, kcfg: KernelConfig,
                norm: torch.Tensor, latent: bool, seed: int | None = None) -> torch.Tensor:
     """Eq. 120 loss of ``rows`` of the batch divided by ``norm`` (the whole global batch's normaliser), so that the
-    shards' losses add up to the loss of the global batch. ``latent``: the model sees the latent state. The logits
-    are restricted by ``Kernel.constrain`` (carry-over), as the samplers and the bound restrict them. ``seed``: the
-    global torch RNG (dropout, CPU and CUDA) is seeded with it first."""
+    shards' losses add up to the loss of the global batch. ``latent``: the model sees the latent state. The loss is
+    that of the logits restricted by ``Kernel.constrain`` (carry-over), as the samplers and the bound restrict them.
+    ``seed``: the global torch RNG (dropout, CPU and CUDA) is seeded with it first."""
     if seed is not None:
         torch.manual_seed(seed)
     x0, xt, state = batch.x0[rows], batch.xt[rows], batch.state[rows]
     state = state if latent else None
-    ce = token_ce(kernel.constrain(model(xt, batch.t[rows].float(), state), xt, state), x0)
+    ce = token_ce(model(xt, batch.t[rows].float(), state), x0, kernel, xt, state)
     return change_aware_loss(ce, x0, xt, batch.omega[rows], kcfg.lambda_chg, kcfg.lambda_same, norm)

@@ -170,7 +170,7 @@ def test_change_aware_loss_with_unit_weights_is_the_mask_ctmc_nelbo():
     t = torch.rand(8, dtype=torch.float64) * 0.98 + 0.01
     xt, state = kernel.corrupt(x0, t)
     logits = kernel.constrain(torch.randn(8, 10, 6), xt, None)
-    ce = token_ce(logits, x0)
+    ce = token_ce(logits, x0, kernel, xt, None)
     loss = change_aware_loss(ce, x0, xt, time_weight(kernel, t), 1.0, 1.0)
     nelbo = ctmc_nelbo_terms(logits, x0, xt, kernel, t).mean()  # the general CTMC formula, written separately
     torch.testing.assert_close(loss.double(), nelbo, rtol=1e-5, atol=1e-6)
