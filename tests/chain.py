@@ -20,6 +20,14 @@ def _kl(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.where(q > 0, q * (q.clamp_min(1e-300).log() - p.clamp_min(1e-300).log()), torch.zeros_like(q)).sum(-1)
 
 
+def independent(local: torch.Tensor, L: int) -> torch.Tensor:
+    """The joint law of L positions that each follow ``local`` independently ([n^L])."""
+    out = local
+    for _ in range(L - 1):
+        out = (out[:, None] * local[None]).reshape(-1)
+    return out
+
+
 class LatentChain:
     """The latent-state model: a position's local state is (state, token), index state * vocab + token."""
 
@@ -70,11 +78,7 @@ class LatentChain:
         return self.local_given_x0(t)[:, self.joint]
 
     def initial(self) -> torch.Tensor:
-        local = self.m @ self.local_given_x0(1.0)  # [n]
-        out = local
-        for _ in range(self.toy.L - 1):
-            out = (out[:, None] * local[None]).reshape(-1)
-        return out
+        return independent(self.m @ self.local_given_x0(1.0), self.toy.L)
 
     def x0_law(self, denoise, steps: int) -> torch.Tensor:
         """Law of the chain's output over the toy's data sequences ([V^L])."""
@@ -138,11 +142,7 @@ class MarginalChain:
         return torch.stack([self.kernel.probs(torch.tensor([v]), t)[0] for v in range(self.Vk)])  # [vocab, vocab]
 
     def initial(self) -> torch.Tensor:
-        local = self.m @ self.q_tokens(1.0)
-        out = local
-        for _ in range(self.toy.L - 1):
-            out = (out[:, None] * local[None]).reshape(-1)
-        return out
+        return independent(self.m @ self.q_tokens(1.0), self.toy.L)
 
     def x0_law(self, denoise, steps: int) -> torch.Tensor:
         law = run(self, denoise, steps)
