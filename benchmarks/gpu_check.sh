@@ -76,7 +76,9 @@ part() {  # part NAME LIMIT_S COMMAND...: run with a time limit, keep the log wi
     > "$WORK/$name.status"
 }
 
-part repro "$LIMIT_REPRO" dvc repro
+# the dry run stops at the stages the summary reports (summary, report and track add only process start-ups)
+if [ $DRY = 1 ]; then TARGETS=(evaluate@mask reference dispersion); else TARGETS=(); fi
+part repro "$LIMIT_REPRO" dvc repro "${TARGETS[@]}"
 part train_step "$LIMIT_STEP" python benchmarks/train_step.py "${STEP_ARGS[@]}"
 part sampling "$LIMIT_SAMPLING" python benchmarks/sampling.py "${SAMPLING_ARGS[@]}"
 

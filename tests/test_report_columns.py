@@ -10,7 +10,8 @@ from semdlm.config import DataConfig, Params, SamplerConfig
 def run_df() -> pd.DataFrame:
     return pd.DataFrame([
         {"row": "mask", "kind": "model", "steps": s, "gen_ppl": 50.0 + s, "entropy": 4.9, "below_min_entropy": False,
-         "protocol": "mdlm", "val_ppl": 30.0, "paper_ppl": None, "paper_row": "–"} for s in (128, 1024)
+         "protocol": "mdlm", "val_ppl": 30.0, "bound": "latent-state ELBO", "paper_ppl": None, "paper_row": "–"}
+        for s in (128, 1024)
     ]).astype({"steps": "Int64"})
 
 
