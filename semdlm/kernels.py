@@ -128,8 +128,7 @@ class Kernel:
             at = (state >= NEIGHBOUR).nonzero(as_tuple=True)
             if len(at[0]):
                 column = self.neighbours[:, : self.num_states - NEIGHBOUR].T[state[at] - NEIGHBOUR]  # [n, V]
-                logits = logits.clone()
-                logits[at] = logits[at].masked_fill(column != xt[at][:, None], float("-inf"))
+                logits = logits.index_put(at, logits[at].masked_fill(column != xt[at][:, None], float("-inf")))
         return logits
 
     def sample_nu(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:

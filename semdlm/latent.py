@@ -54,15 +54,16 @@ def flows(kernel: Kernel, s: float | torch.Tensor, t: float | torch.Tensor) -> t
 
 def forward_probs(kernel: Kernel, s: float | torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
     """P(state_t = j | state_s = i) ([B, n, n]; identity rows for states of zero mass at s)."""
-    f = flows(kernel, s, t)
-    mass = f.sum(2, keepdim=True)
-    eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device).expand_as(f)
-    return torch.where(mass > 0, f / mass.clamp_min(TINY), eye)
+    return _conditional(flows(kernel, s, t))
 
 
 def reverse_probs(kernel: Kernel, t: float | torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
     """R_{t->s}(i | j) = P(state_s = i | state_t = j) ([B, n_t, n_s]; identity rows for states of zero mass at t)."""
-    f = flows(kernel, s, t).transpose(1, 2)
+    return _conditional(flows(kernel, s, t).transpose(1, 2))
+
+
+def _conditional(f: torch.Tensor) -> torch.Tensor:
+    """Rows of a flow matrix ([B, n, n]) normalised to conditional laws; identity rows where a row has no mass."""
     mass = f.sum(2, keepdim=True)
     eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device).expand_as(f)
     return torch.where(mass > 0, f / mass.clamp_min(TINY), eye)

@@ -106,10 +106,9 @@ def exact_denoiser(toy: Toy, kernel: Kernel, latent: bool):
 
 
 def known_positions(kernel: Kernel, xt: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
-    """Where x_0 = x_t is known to the model: state CLEAN, or unmasked for the absorbing kernel."""
-    if state is not None:
-        return state == 0
-    return xt != kernel.mask_id if kernel.is_absorbing else torch.zeros_like(xt, dtype=torch.bool)
+    """Where x_0 = x_t is known to the model (``Kernel.known``; no position for the paper's uniform-type model)."""
+    known = kernel.known(xt, state)
+    return torch.zeros_like(xt, dtype=torch.bool) if known is None else known
 
 
 def wrong_where_known(toy: Toy, kernel: Kernel, latent: bool):
