@@ -86,7 +86,11 @@ def time_steps(p: Params, kernels: dict[str, tuple[Kernel, KernelConfig]], V: in
     states = max(k.num_states for k, _ in kernels.values()) if p.model.latent_state else 0
     model = Denoiser(V, L, p.model, V - 1, states).to(device)
     on_device = {k.name: k.to(device) for k, _ in kernels.values()}  # constrain() runs where the logits are
-    net = torch.compile(model) if p.train.compile and device.type == "cuda" else model
+    if p.train.compile and device.type == "cuda":
+        torch._dynamo.reset()  # a fresh compile per length: no automatic-dynamic recompile of the last one
+        net = torch.compile(model)
+    else:
+        net = model
     opt = make_optimizer(model, p.train)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randint(0, V - 1, (B, L), generator=gen)

@@ -183,7 +183,7 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
     cfg = params.train
     vocab = load_vocab()
     kernel = load_kernel(kernel_name, params, vocab)
-    eval_kernel = kernel.to(dist.device)  # the validation bound runs on the device
+    on_device = kernel.to(dist.device)  # corruption runs on the CPU; the loss and the bound on the device
     kcfg = params.kernels[kernel_name]
     train, valid = shared_rows("train", dist), shared_rows("valid", dist)
     seq_len = train.shape[1]
@@ -230,7 +230,7 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
 
     @functools.cache
     def prior() -> torch.Tensor:  # once per run, at the first evaluation, on the device
-        return token_prior_kl(eval_kernel, unigram.to(dist.device), params.model.latent_state)
+        return token_prior_kl(on_device, unigram.to(dist.device), params.model.latent_state)
 
     def denoise(xt: torch.Tensor, t: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
         """EMA logits in float32 on the device (no autocast, whatever the training precision), where the bound's
@@ -248,7 +248,7 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
         with torch.no_grad():
             for k in range(dist.rank, len(starts), dist.world):
                 x0 = torch.from_numpy(valid[starts[k] : min(starts[k] + eval_bs, n)].astype(np.int64))
-                mean = validation_nelbo(denoise, eval_kernel, x0.to(dist.device), eval_bs, 1, cfg.seed + k,
+                mean = validation_nelbo(denoise, on_device, x0.to(dist.device), eval_bs, 1, cfg.seed + k,
                                         cfg.bound_steps, prior(), repeats, params.model.latent_state)
                 sums[k] = mean * len(x0)
         ema.model.train(was_training)
@@ -297,7 +297,7 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
             for j in range(cfg.grad_accum):
                 defer = ddp is not None and j < cfg.grad_accum - 1  # all-reduce once, after the last micro-batch
                 with (ddp.no_sync() if defer else contextlib.nullcontext()), autocast(dist.device, cfg.precision):
-                    loss = train_step(net, kernel, batch, slice(j * micro, (j + 1) * micro), kcfg, norm,
+                    loss = train_step(net, on_device, batch, slice(j * micro, (j + 1) * micro), kcfg, norm,
                                       params.model.latent_state, batch.seeds[j])
                 loss_sum += loss.detach()
                 (loss * dist.world if dist.world > 1 else loss).backward()  # DDP averages over ranks
