@@ -40,6 +40,8 @@ class Kernel:
     mask_id: int | None = None  # set for the absorbing kernel only
     _nu_cdf: torch.Tensor = field(init=False, repr=False)
     _uses_neighbours: bool = field(init=False, repr=False)
+    _preimage: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(
+        init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         self.nu = self.nu.to(torch.float64)
@@ -130,6 +132,33 @@ class Kernel:
                 column = self.neighbours[:, : self.num_states - NEIGHBOUR].T[state[at] - NEIGHBOUR]  # [n, V]
                 logits = logits.index_put(at, logits[at].masked_fill(column != xt[at][:, None], float("-inf")))
         return logits
+
+    def preimage_logsumexp(self, logits: torch.Tensor, at: tuple[torch.Tensor, ...], xt: torch.Tensor,
+                           slot: torch.Tensor) -> torch.Tensor:
+        """log sum_{y : N(y)[r] = x_t} exp(logits[at][y]) for the positions ``at`` of ``logits`` ([..., V]) at
+        neighbour slots ``slot`` = r, in ``logits``' dtype promoted to float32 at least: the normaliser of
+        ``constrain``'s slot rows, read from the preimage lists ([k_max, V] tables) instead of [n, V] masks."""
+        order, start, count = self._preimages()
+        c = count[slot, xt]  # |preimage| per position, >= 1 for a reachable (x_t, r)
+        seg = torch.repeat_interleave(torch.arange(len(c), device=c.device), c)
+        offset = torch.arange(len(seg), device=c.device) - (torch.cumsum(c, 0) - c)[seg]
+        y = order[slot[seg], start[slot[seg], xt[seg]] + offset]
+        vals = logits[(*(i[seg] for i in at), y)]
+        vals = vals.to(torch.promote_types(vals.dtype, torch.float32))
+        top = torch.full(c.shape, float("-inf"), dtype=vals.dtype, device=c.device)
+        top = top.scatter_reduce(0, seg, vals.detach(), "amax")
+        total = torch.zeros_like(top).index_add(0, seg, (vals - top[seg]).exp())
+        return top + total.log()
+
+    def _preimages(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per neighbour slot r, the ids y sorted by N(y)[r], and where each x's preimage starts and its size."""
+        if self._preimage is None:
+            nb = self.neighbours[:, : self.num_states - NEIGHBOUR].T.contiguous()  # [k_max, V]
+            keys, order = torch.sort(nb, dim=1, stable=True)
+            ids = torch.arange(self.vocab_size, device=nb.device).expand_as(nb).contiguous()
+            start = torch.searchsorted(keys, ids)
+            self._preimage = order, start, torch.searchsorted(keys, ids, right=True) - start
+        return self._preimage
 
     def sample_nu(self, shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
         device = generator.device if generator is not None else self.nu.device

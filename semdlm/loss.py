@@ -34,16 +34,18 @@ def time_weight(kernel: Kernel, t: torch.Tensor) -> torch.Tensor:
 def token_ce(logits: torch.Tensor, x0: torch.Tensor, kernel: Kernel, xt: torch.Tensor,
              state: torch.Tensor | None) -> torch.Tensor:
     """-log p_theta(x_0^i | x_t, state) per position ([B, L]) under ``Kernel.constrain``, without copying the
-    [B, L, V] logits: 0 at the known (carried-over) positions, the neighbour-slot preimage applied to those rows
-    alone. The model's own logits must already exclude [MASK] (``Denoiser`` does). Flat [B * L, V] layout: the
-    [B, V, L] one runs a spatial softmax several times slower."""
+    [B, L, V] logits: 0 at the known (carried-over) positions; at a neighbour slot the normaliser runs over the
+    slot's preimage list alone (``Kernel.preimage_logsumexp``). The model's own logits must already exclude
+    [MASK] (``Denoiser`` does). Flat [B * L, V] layout: the [B, V, L] one runs a spatial softmax several times
+    slower."""
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x0.reshape(-1), reduction="none").view_as(x0)
     known = kernel.known(xt, state)
     if known is not None:
         ce = ce.masked_fill(known, 0.0)
     if state is not None and kernel.num_states > NEIGHBOUR and bool((slot := state >= NEIGHBOUR).any()):
-        restricted = kernel.constrain(logits[slot], xt[slot], state[slot])
-        ce = ce.masked_scatter(slot, F.cross_entropy(restricted, x0[slot], reduction="none"))
+        at = slot.nonzero(as_tuple=True)  # x_0 lies in the slot's preimage {y : N(y)[r] = x_t}, its normaliser
+        logz = kernel.preimage_logsumexp(logits, at, xt[at], state[at] - NEIGHBOUR)
+        ce = ce.index_put(at, (logz - logits[(*at, x0[at])]).to(ce.dtype))
     return ce
 
 

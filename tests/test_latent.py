@@ -5,6 +5,7 @@ import torch
 
 from semdlm.kernels import CLEAN, GLOBAL, NEIGHBOUR
 from semdlm.latent import flows, forward_step, marginal_reverse_step, reverse_probs, reverse_step
+from semdlm.loss import token_ce
 from tests.stats import assert_frequencies_match
 from tests.test_kernels import kernels
 from tests.toy import local_likelihood
@@ -107,3 +108,22 @@ def test_the_last_reverse_step_makes_every_reachable_state_clean(name):
     live = kernel.state_probs(at(0.125))[0] > 0
     R = reverse_probs(kernel, 0.125, 0.0)[0]
     torch.testing.assert_close(R[live, CLEAN], torch.ones(int(live.sum()), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ["knn", "semdlm_plus"])
+def test_token_ce_is_the_cross_entropy_of_the_constrained_logits(name):
+    # token_ce reads the neighbour-slot normaliser from preimage lists; it must equal the dense restriction
+    # (Kernel.constrain) at every position, known ones at 0, gradients included
+    kernel = kernels()[name]
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randint(0, 6, (64, 5), generator=gen)
+    xt, state = kernel.corrupt(x0, torch.rand(64, dtype=torch.float64, generator=gen), gen)
+    assert bool((state >= NEIGHBOUR).any()) and bool((state == CLEAN).any())
+    logits = torch.randn(64, 5, kernel.vocab_size, generator=gen, dtype=torch.float64, requires_grad=True)
+    got = token_ce(logits, x0, kernel, xt, state)
+    dense = -torch.log_softmax(kernel.constrain(logits, xt, state), -1).gather(-1, x0[..., None]).squeeze(-1)
+    want = dense.masked_fill(state == CLEAN, 0.0)
+    torch.testing.assert_close(got, want)
+    g_got, = torch.autograd.grad(got.sum(), logits)
+    g_want, = torch.autograd.grad(want.sum(), logits)
+    torch.testing.assert_close(g_got, g_want)
