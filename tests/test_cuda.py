@@ -15,12 +15,11 @@ import torch
 from semdlm.config import KernelConfig, ModelConfig, TrainConfig
 from semdlm.likelihood import latent_bound, latent_prior_kl, marginal_bound, marginal_prior_kl
 from semdlm.model import Denoiser
-from semdlm.samplers import ancestral, blockwise, tau_leaping
 from semdlm.training import corrupt_batch, normaliser, train_step
 from tests.test_kernels import kernels
 from tests.test_likelihood import exact
 from tests.test_likelihood import toy as likelihood_toy
-from tests.test_samplers import DRAWS, SIX, law_tv, model_law
+from tests.test_samplers import SIX, law_tv, model_law, run_sampler
 from tests.toy import imperfect_denoiser
 
 DEVICE = torch.device(os.environ.get("SEMDLM_TEST_DEVICE", "cuda"))
@@ -46,16 +45,8 @@ def through_device(denoise):
 def test_every_sampler_on_cuda_draws_from_the_chain_law(name, sampler, latent):
     if sampler == "tau_leaping" and name == "uniform" and not latent:
         pytest.skip("the paper's uniform tau-leaping is another discretisation (tests/test_samplers.py)")
-    kernel = kernels()[name].to(DEVICE)
     denoise = through_device(imperfect_denoiser(SIX, kernels()[name], latent))
-    kw = {"generator": torch.Generator(device=DEVICE).manual_seed(0), "x0_dist": SIX.token_marginal().to(DEVICE),
-          "latent": latent}
-    if sampler == "ancestral":
-        res = ancestral(denoise, kernel, DRAWS, SIX.L, 8, **kw)
-    elif sampler == "tau_leaping":
-        res = tau_leaping(denoise, kernel, DRAWS, SIX.L, 8, **kw)
-    else:
-        res = blockwise(denoise, kernel, DRAWS, SIX.L, 8, 1, **kw)
+    res = run_sampler(sampler, name, latent, denoise, 8, device=DEVICE)
     assert res.ids.device.type == DEVICE.type
     assert law_tv(res.ids.cpu(), model_law(name, latent, 8)) < 0.035
 

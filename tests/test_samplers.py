@@ -73,9 +73,9 @@ def law_tv(samples: torch.Tensor, law: torch.Tensor) -> float:
     return 0.5 * (float((counts - law).abs().sum()) + abs(off - (1.0 - float(law.sum()))))
 
 
-def run_sampler(sampler: str, name: str, latent: bool, denoise, steps: int, seed: int = 0, **kw):
-    kernel, gen = kernels()[name], torch.Generator().manual_seed(seed)
-    common = {"generator": gen, "x0_dist": SIX.token_marginal(), "latent": latent}
+def run_sampler(sampler: str, name: str, latent: bool, denoise, steps: int, seed: int = 0, device: str = "cpu", **kw):
+    kernel, gen = kernels()[name].to(device), torch.Generator(device=device).manual_seed(seed)
+    common = {"generator": gen, "x0_dist": SIX.token_marginal().to(device), "latent": latent}
     if sampler == "ancestral":
         return ancestral(denoise, kernel, DRAWS, SIX.L, steps, **common, **kw)
     if sampler == "tau_leaping":
