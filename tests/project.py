@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -38,6 +39,40 @@ def sh(*cmd: str, cwd: Path, ok: bool = True) -> str:
     tail = f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     assert (res.returncode == 0) == ok, f"{' '.join(cmd)} -> {res.returncode}:\n{tail}"
     return res.stdout + res.stderr
+
+
+class Background:
+    """A command started now (in the project ``cwd``, with its env) and collected later: the session's long
+    subprocesses run while other tests do (tests/conftest.py). stdout and stderr go to files beside ``cwd``."""
+
+    def __init__(self, *cmd: str, cwd: Path, logs: Path) -> None:
+        self.cmd, self.cwd = cmd, cwd
+        logs.mkdir(parents=True, exist_ok=True)
+        self._out, self._err = logs / "stdout.log", logs / "stderr.log"
+        with self._out.open("wb") as out, self._err.open("wb") as err:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=env(cwd), stdout=out, stderr=err, start_new_session=True)
+
+    def result(self, timeout: float = 1800) -> subprocess.CompletedProcess:
+        """The finished command (whatever its exit code); a command still running after timeout s is killed."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"{' '.join(self.cmd)} ran longer than {timeout} s") from None
+        return subprocess.CompletedProcess(self.cmd, rc, self._out.read_text(), self._err.read_text())
+
+    def output(self, timeout: float = 1800) -> str:
+        """stdout + stderr of the finished command, as ``sh`` returns them; asserts it succeeded."""
+        res = self.result(timeout)
+        assert res.returncode == 0, f"{' '.join(self.cmd)} -> {res.returncode}:\n{res.stdout[-3000:]}\n" \
+                                    f"{res.stderr[-3000:]}"
+        return res.stdout + res.stderr
+
+    def stop(self) -> None:
+        """Kill the command and its children (a session that ends before collecting it)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
 
 def ran(output: str) -> set[str]:

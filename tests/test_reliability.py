@@ -18,19 +18,26 @@ import pytest
 import torch
 import yaml
 
-from tests.project import REPO, SAMPLING_SIDE, commit, env, metrics_snapshot, mlflow_runs, new_project, ran, sh
+from tests.project import REPO, SAMPLING_SIDE, commit, env, metrics_snapshot, mlflow_runs, ran, sh
 
 pytestmark = pytest.mark.slow
 FAULTS = REPO / "tests" / "faults.py"
 
 
+STARTED_QUEUE: dict[Path, Path] = {}  # baseline -> the copy whose queued experiments run (fixture queued)
+
+
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory, evaluator_dir) -> Path:
-    """A second fresh project with the same params as the session's first one, reproduced and committed."""
-    repo = new_project(tmp_path_factory.mktemp("rel") / "repo", evaluator_dir)
-    sh("dvc", "repro", cwd=repo)
-    commit(repo, "results")
-    return repo
+def baseline(started, request, tmp_path_factory) -> Path:
+    """A second fresh project with the same params as the session's first one, reproduced (in the background from
+    the session's start, tests/conftest.py) and committed. When the session has tests of the queued experiments,
+    their queue starts now, in a copy (start_queue)."""
+    job = started["second"]
+    job.output()
+    commit(job.cwd, "results")
+    if any("queued" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        STARTED_QUEUE[job.cwd] = start_queue(job.cwd, tmp_path_factory.mktemp("queued"))
+    return job.cwd
 
 
 def copy_of(repo: Path, tmp_path: Path) -> Path:
@@ -182,16 +189,22 @@ def experiments(repo: Path) -> dict[str, dict]:
     return found
 
 
-@pytest.fixture(scope="module")
-def queued(baseline, tmp_path_factory) -> Path:
+def start_queue(baseline: Path, dst: Path) -> Path:
     """A copy of the baseline with no MLflow store yet, and two experiments, lambda_sem = 0.0 and 0.5, queued and
-    run by `dvc queue start -j 2` (both `track` stages create the store at once)."""
-    repo = copy_of(baseline, tmp_path_factory.mktemp("queued"))
+    started by `dvc queue start -j 2` (both `track` stages create the store at once); they run in the background."""
+    repo = copy_of(baseline, dst)
     (repo / "mlflow.db").unlink()
     shutil.rmtree(repo / "mlartifacts")
     for value in ("0.0", "0.5"):
         sh("dvc", "exp", "run", "--queue", "-S", f"sampler.lambda_sem={value}", cwd=repo)
     sh("dvc", "queue", "start", "-j", "2", cwd=repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def queued(baseline) -> Path:
+    """The queue of start_queue (started with the baseline, so it runs while the tests before these do), done."""
+    repo = STARTED_QUEUE[baseline]
     deadline = time.monotonic() + 480
     while any(w in (status := sh("dvc", "queue", "status", cwd=repo)) for w in ("Queued", "Running")):
         assert time.monotonic() < deadline, status
