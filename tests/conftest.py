@@ -21,18 +21,23 @@ def evaluator_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def started(request, tmp_path_factory) -> Iterator[dict]:
-    """The session's long subprocesses, started at once in the background for the selected tests that use them, so
-    that they run while the unit tests do (most of a `dvc repro` of the tiny project is process start-ups on one
-    core): the first `dvc repro` of a fresh tiny project ("fresh", fixture fresh_repro), a second one with the same
-    params ("second", test_reliability.baseline) and `benchmarks/gpu_check.sh --dry-run` ("gpu_check_dry_run")."""
-    from tests.project import Background, new_project
+    """The session's long subprocesses, started at once in the background (niced: the tests in the foreground keep
+    their pace) for the selected tests that use them, so that they run while other tests do: the first `dvc repro`
+    of a fresh tiny project ("fresh", fixture fresh_repro), a second one with the same params, committed ("second",
+    test_reliability.baseline), then its queued experiments ("queue", test_reliability.queued), and
+    `benchmarks/gpu_check.sh --dry-run` ("gpu_check_dry_run")."""
+    from tests.project import Background, Then, new_project, start_queue
 
     used = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
     jobs: dict = {}
-    for name, fixture in (("fresh", "fresh_repro"), ("second", "baseline")):
+    repro_commit = ["bash", "-c", "dvc repro && git add -A && git commit -qm results"]
+    for name, fixture, cmd in (("fresh", "fresh_repro", ["dvc", "repro"]), ("second", "baseline", repro_commit)):
         if fixture in used:
             repo = new_project(tmp_path_factory.mktemp(name) / "repo", request.getfixturevalue("evaluator_dir"))
-            jobs[name] = Background("dvc", "repro", cwd=repo, logs=repo.parent / "logs")
+            jobs[name] = Background(*cmd, cwd=repo, logs=repo.parent / "logs")
+    if "queued" in used:
+        second, queue_dir = jobs["second"], tmp_path_factory.mktemp("queued")
+        jobs["queue"] = Then(lambda: (second.output(), start_queue(second.cwd, queue_dir))[1])
     if "gpu_check_dry_run" in used:
         results = tmp_path_factory.mktemp("gpu_check")
         jobs["gpu_check_dry_run"] = Background("bash", str(REPO / "benchmarks/gpu_check.sh"), "--dry-run", "--results",
@@ -40,7 +45,8 @@ def started(request, tmp_path_factory) -> Iterator[dict]:
         jobs["gpu_check_dry_run"].results = results
     yield jobs
     for job in jobs.values():
-        job.stop()
+        if isinstance(job, Background):
+            job.stop()
 
 
 @dataclass

@@ -18,32 +18,30 @@ import pytest
 import torch
 import yaml
 
-from tests.project import REPO, SAMPLING_SIDE, commit, env, metrics_snapshot, mlflow_runs, ran, sh
+from tests.project import (
+    REPO,
+    SAMPLING_SIDE,
+    commit,
+    copy_of,
+    env,
+    metrics_snapshot,
+    mlflow_runs,
+    ran,
+    sh,
+    wait_for_queue,
+)
 
 pytestmark = pytest.mark.slow
 FAULTS = REPO / "tests" / "faults.py"
 
 
-STARTED_QUEUE: dict[Path, Path] = {}  # baseline -> the copy whose queued experiments run (fixture queued)
-
-
 @pytest.fixture(scope="module")
-def baseline(started, request, tmp_path_factory) -> Path:
-    """A second fresh project with the same params as the session's first one, reproduced (in the background from
-    the session's start, tests/conftest.py) and committed. When the session has tests of the queued experiments,
-    their queue starts now, in a copy (start_queue)."""
+def baseline(started) -> Path:
+    """A second fresh project with the same params as the session's first one, reproduced and committed (in the
+    background from the session's start, tests/conftest.py)."""
     job = started["second"]
     job.output()
-    commit(job.cwd, "results")
-    if any("queued" in getattr(item, "fixturenames", ()) for item in request.session.items):
-        STARTED_QUEUE[job.cwd] = start_queue(job.cwd, tmp_path_factory.mktemp("queued"))
     return job.cwd
-
-
-def copy_of(repo: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "repo"
-    shutil.copytree(repo, dst, symlinks=True)
-    return dst
 
 
 def set_param(repo: Path, section: str, key: str, value: object) -> None:
@@ -189,26 +187,12 @@ def experiments(repo: Path) -> dict[str, dict]:
     return found
 
 
-def start_queue(baseline: Path, dst: Path) -> Path:
-    """A copy of the baseline with no MLflow store yet, and two experiments, lambda_sem = 0.0 and 0.5, queued and
-    started by `dvc queue start -j 2` (both `track` stages create the store at once); they run in the background."""
-    repo = copy_of(baseline, dst)
-    (repo / "mlflow.db").unlink()
-    shutil.rmtree(repo / "mlartifacts")
-    for value in ("0.0", "0.5"):
-        sh("dvc", "exp", "run", "--queue", "-S", f"sampler.lambda_sem={value}", cwd=repo)
-    sh("dvc", "queue", "start", "-j", "2", cwd=repo)
-    return repo
-
-
 @pytest.fixture(scope="module")
-def queued(baseline) -> Path:
-    """The queue of start_queue (started with the baseline, so it runs while the tests before these do), done."""
-    repo = STARTED_QUEUE[baseline]
-    deadline = time.monotonic() + 480
-    while any(w in (status := sh("dvc", "queue", "status", cwd=repo)) for w in ("Queued", "Running")):
-        assert time.monotonic() < deadline, status
-        time.sleep(2)
+def queued(started) -> Path:
+    """A copy of the baseline whose two queued experiments (tests.project.start_queue, started in the background as
+    soon as the baseline was committed) are done."""
+    repo = started["queue"].result()
+    status = wait_for_queue(repo)
     assert status.count("Success") == 2, status
     return repo
 
