@@ -28,8 +28,9 @@ from pipeline.report import REPORTS, collect
 from semdlm.config import Params
 
 EXPERIMENT = "semdlm"
-# The experiment kind the MLflow 3 UI shows (GenAI vs model training). A browser that never picked "Model training"
-# still lands on the GenAI overview (3.17): the README's link adds workflowType=machine_learning.
+# The experiment kind (model training, not GenAI). MLflow 3.17's UI does not consult it for the landing page: that
+# follows the browser's GenAI / Model training switch (localStorage, default GenAI), so a browser that never picked
+# "Model training" opens the experiment on the GenAI overview; the README's link adds workflowType=machine_learning.
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 

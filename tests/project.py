@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -38,6 +42,93 @@ def sh(*cmd: str, cwd: Path, ok: bool = True) -> str:
     tail = f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     assert (res.returncode == 0) == ok, f"{' '.join(cmd)} -> {res.returncode}:\n{tail}"
     return res.stdout + res.stderr
+
+
+NICE = 10  # of the background commands: the tests in the foreground keep their pace, those use the idle core time
+
+
+class Background:
+    """A command started now (in the project ``cwd``, with its env, niced) and collected later: the session's long
+    subprocesses run while other tests do (tests/conftest.py). stdout and stderr go to the files in ``logs``."""
+
+    def __init__(self, *cmd: str, cwd: Path, logs: Path) -> None:
+        self.cmd, self.cwd = cmd, cwd
+        logs.mkdir(parents=True, exist_ok=True)
+        self._out, self._err = logs / "stdout.log", logs / "stderr.log"
+        with self._out.open("wb") as out, self._err.open("wb") as err:
+            self.proc = subprocess.Popen(["nice", "-n", str(NICE), *cmd], cwd=cwd, env=env(cwd), stdout=out, stderr=err,
+                                         start_new_session=True)
+
+    def result(self, timeout: float = 1800) -> subprocess.CompletedProcess:
+        """The finished command (whatever its exit code); a command still running after timeout s is killed."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"{' '.join(self.cmd)} ran longer than {timeout} s") from None
+        return subprocess.CompletedProcess(self.cmd, rc, self._out.read_text(), self._err.read_text())
+
+    def output(self, timeout: float = 1800) -> str:
+        """stdout + stderr of the finished command, as ``sh`` returns them; asserts it succeeded."""
+        res = self.result(timeout)
+        assert res.returncode == 0, f"{' '.join(self.cmd)} -> {res.returncode}:\n{res.stdout[-3000:]}\n" \
+                                    f"{res.stderr[-3000:]}"
+        return res.stdout + res.stderr
+
+    def stop(self) -> None:
+        """Kill the command and its children (a session that ends before collecting it)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+class Then(threading.Thread):
+    """fn() in a thread from now on (a follow-up of a Background command); result() waits and re-raises."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        super().__init__(daemon=True)
+        self._fn, self._value, self._error = fn, None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as e:  # noqa: BLE001  (re-raised in result)
+            self._error = e
+
+    def result(self, timeout: float = 1800) -> object:
+        self.join(timeout)
+        assert not self.is_alive(), f"a background follow-up ran longer than {timeout} s"
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def copy_of(repo: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "repo"
+    shutil.copytree(repo, dst, symlinks=True)
+    return dst
+
+
+def start_queue(baseline: Path, dst: Path) -> Path:
+    """A copy of the baseline with no MLflow store yet, and two experiments, lambda_sem = 0.0 and 0.5, queued and
+    started by `dvc queue start -j 2` (both `track` stages create the store at once); they run in the background."""
+    repo = copy_of(baseline, dst)
+    (repo / "mlflow.db").unlink()
+    shutil.rmtree(repo / "mlartifacts")
+    for value in ("0.0", "0.5"):
+        sh("nice", "-n", str(NICE), "dvc", "exp", "run", "--queue", "-S", f"sampler.lambda_sem={value}", cwd=repo)
+    sh("nice", "-n", str(NICE), "dvc", "queue", "start", "-j", "2", cwd=repo)  # its workers run niced
+    return repo
+
+
+def wait_for_queue(repo: Path, timeout: float = 480) -> str:
+    """`dvc queue status` once nothing is queued or running."""
+    deadline = time.monotonic() + timeout
+    while any(w in (status := sh("dvc", "queue", "status", cwd=repo)) for w in ("Queued", "Running")):
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    return status
 
 
 def ran(output: str) -> set[str]:

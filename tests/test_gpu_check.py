@@ -19,9 +19,8 @@ def gpu_check_module():
 
 
 @pytest.mark.slow
-def test_dry_run_runs_every_part_on_the_cpu_and_writes_one_summary(tmp_path):
-    res = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--results", str(tmp_path)], capture_output=True,
-                         text=True, timeout=1800)
+def test_dry_run_runs_every_part_on_the_cpu_and_writes_one_summary(gpu_check_dry_run):
+    res, tmp_path = gpu_check_dry_run  # `bash SCRIPT --dry-run --results tmp_path`, run from the session's start
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check_dry_run.json"]  # benchmark JSONs stay in temp
     summary = json.loads((tmp_path / "gpu_check_dry_run.json").read_text())

@@ -18,25 +18,30 @@ import pytest
 import torch
 import yaml
 
-from tests.project import REPO, SAMPLING_SIDE, commit, env, metrics_snapshot, mlflow_runs, new_project, ran, sh
+from tests.project import (
+    REPO,
+    SAMPLING_SIDE,
+    commit,
+    copy_of,
+    env,
+    metrics_snapshot,
+    mlflow_runs,
+    ran,
+    sh,
+    wait_for_queue,
+)
 
 pytestmark = pytest.mark.slow
 FAULTS = REPO / "tests" / "faults.py"
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory, evaluator_dir) -> Path:
-    """A second fresh project with the same params as the session's first one, reproduced and committed."""
-    repo = new_project(tmp_path_factory.mktemp("rel") / "repo", evaluator_dir)
-    sh("dvc", "repro", cwd=repo)
-    commit(repo, "results")
-    return repo
-
-
-def copy_of(repo: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "repo"
-    shutil.copytree(repo, dst, symlinks=True)
-    return dst
+def baseline(started) -> Path:
+    """A second fresh project with the same params as the session's first one, reproduced and committed (in the
+    background from the session's start, tests/conftest.py)."""
+    job = started["second"]
+    job.output()
+    return job.cwd
 
 
 def set_param(repo: Path, section: str, key: str, value: object) -> None:
@@ -183,19 +188,11 @@ def experiments(repo: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def queued(baseline, tmp_path_factory) -> Path:
-    """A copy of the baseline with no MLflow store yet, and two experiments, lambda_sem = 0.0 and 0.5, queued and
-    run by `dvc queue start -j 2` (both `track` stages create the store at once)."""
-    repo = copy_of(baseline, tmp_path_factory.mktemp("queued"))
-    (repo / "mlflow.db").unlink()
-    shutil.rmtree(repo / "mlartifacts")
-    for value in ("0.0", "0.5"):
-        sh("dvc", "exp", "run", "--queue", "-S", f"sampler.lambda_sem={value}", cwd=repo)
-    sh("dvc", "queue", "start", "-j", "2", cwd=repo)
-    deadline = time.monotonic() + 480
-    while any(w in (status := sh("dvc", "queue", "status", cwd=repo)) for w in ("Queued", "Running")):
-        assert time.monotonic() < deadline, status
-        time.sleep(2)
+def queued(started) -> Path:
+    """A copy of the baseline whose two queued experiments (tests.project.start_queue, started in the background as
+    soon as the baseline was committed) are done."""
+    repo = started["queue"].result()
+    status = wait_for_queue(repo)
     assert status.count("Success") == 2, status
     return repo
 
@@ -242,6 +239,43 @@ def test_exp_show_only_changed_and_exp_diff_fit_one_screen(queued):
     assert len(diff) <= 15, diff
     for key in [*per_kernel, "sampler.lambda_sem"]:
         assert any(key in line.split() for line in diff), (key, diff)
+
+
+def test_exp_diff_at_the_default_params_prints_a_row_per_kernel_step_count_and_metric(tmp_path):
+    """README "Driving experiments": with the embedded default (4 kernels, sampler.steps [16, 48]) a lambda_sem
+    experiment changes gen PPL and entropy of every kernel at every step count, and `dvc exp diff` (no target or key
+    filter in DVC 3) prints a row per changed leaf: 2 x 4 x 2 + 4 = 20 lines, over issue 16's 15. The repository's
+    dvc.yaml and params.yaml, the summary layout of pipeline.summary, made-up numbers: no stage runs."""
+    from pipeline.summary import SUMMARY, summary
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, repo / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    kernels, steps = list(params["kernels"]), params["sampler"]["steps"]
+    assert (len(kernels), len(steps)) == (4, 2), (kernels, steps)  # the default the README measures
+
+    def results(lam: float) -> None:
+        df = pd.DataFrame([{"kernel": k, "steps": s, "val_ppl": 600.0 + i, "gen_ppl": 1500.0 + 100 * lam + s + i,
+                            "entropy": 3.8 + lam / 10 + i / 100} for i, k in enumerate(kernels) for s in steps])
+        (repo / SUMMARY).parent.mkdir(exist_ok=True)
+        (repo / SUMMARY).write_text(json.dumps(summary(df)))
+
+    sh("git", "init", "-q", cwd=repo)
+    sh("dvc", "init", "-q", cwd=repo)
+    results(0.0)
+    commit(repo, "baseline")
+    set_param(repo, "sampler", "lambda_sem", 0.5)
+    results(0.5)
+    commit(repo, "lambda_sem 0.5")
+    diff = sh("dvc", "exp", "diff", "HEAD~1", "HEAD", cwd=repo).strip().splitlines()
+    changed = [f"{k}.{m}@{s}" for k in kernels for s in steps for m in ("gen_ppl", "entropy")]
+    rows = [line.split()[1] for line in diff if line.startswith(str(SUMMARY))]
+    assert sorted(rows) == sorted(changed), diff
+    assert [line.split()[:2] for line in diff if line.startswith("params.yaml")] == [["params.yaml",
+                                                                                       "sampler.lambda_sem"]], diff
+    assert len(diff) == 2 * len(kernels) * len(steps) + 4 == 20, diff  # + 2 headers, a blank line, the param
 
 
 def test_a_typo_in_a_dash_s_key_stops_dvc_exp_run_naming_the_key(baseline, tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -253,30 +252,57 @@ def test_compare_bad_input_is_one_line_naming_it_and_writes_nothing(tracked, tmp
 
 
 def test_mlflow_ui_in_headless_chromium_lists_the_kernel_runs_with_gen_ppl(tracked, mlflow_ui, tmp_path):
-    """The README's link: the saved view `kernel-runs` (set by track) on the experiment's runs page, model-training
-    workflow; every kernel run is listed with its gen PPL per step count in the table."""
+    """The README's walkthrough in a browser that never opened MLflow: the link (saved view `kernel-runs`, set by
+    track, model-training workflow) lists every kernel run with its gen PPL per step count. The plain experiment
+    page opens on MLflow 3.17's GenAI overview (the UI takes the workflow from the browser, not from the
+    experiment's tags); the README's clicks ("Got it", "Model training", Views > the kernel view) lead to the same
+    table, and the browser keeps "Model training": the plain page then opens on the runs."""
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
     from mlflow.tracking import MlflowClient
 
+    from tests.browser import Browser
+
     client = MlflowClient(f"sqlite:///{tracked}")
     exp_id = client.get_experiment_by_name("semdlm").experiment_id
     kernel_runs = client.search_runs([exp_id], "tags.kernel = 'mask'")
-    shot = tmp_path / "mlflow_ui.png"  # the test's artifact, under its tmp dir
-    url = f"{mlflow_ui}/#/experiments/{exp_id}/runs?viewStateShareKey=kernel-runs&workflowType=machine_learning"
-    dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                          "--window-size=1800,900", "--virtual-time-budget=15000", f"--screenshot={shot}",
-                          "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
-    assert shot.stat().st_size > 0
-    text = re.sub(r"<[^>]+>", "\n", dom)
-    cells = {line.strip() for line in text.splitlines()}
-    assert "gen_ppl_4steps" in cells and "gen_ppl_2steps" in cells, "no gen PPL column"
     assert len(kernel_runs) == len(GRID)
-    for run in kernel_runs:  # the run's name and its gen PPL values, as table cells
-        assert run.info.run_name in cells
-        for steps in (2, 4):
-            assert repr(run.data.metrics[f"gen_ppl_{steps}steps"]) in cells, (run.info.run_name, steps)
+    view = "kernel runs: val PPL, gen PPL, entropy"
+
+    def assert_kernel_table(text: str) -> None:
+        cells = {line.strip() for line in text.splitlines()}
+        assert "gen_ppl_4steps" in cells and "gen_ppl_2steps" in cells, f"no gen PPL column:\n{text}"
+        for run in kernel_runs:  # the run's name and its gen PPL values, as table cells
+            assert run.info.run_name in cells, (run.info.run_name, text)
+            for steps in (2, 4):
+                assert repr(run.data.metrics[f"gen_ppl_{steps}steps"]) in cells, (run.info.run_name, steps, text)
+
+    page = f"{mlflow_ui}/#/experiments/{exp_id}"
+    profile = tmp_path / "chromium-profile"
+    with Browser(chromium, profile) as b:
+        b.open(f"{page}/runs?viewStateShareKey=kernel-runs&workflowType=machine_learning")  # the README's link
+        names = [r.info.run_name for r in kernel_runs]
+        assert_kernel_table(b.wait_text(*names))
+        assert view in b.text()
+
+        b.open(page)  # the plain page: GenAI overview, under a tip that covers the page until "Got it"
+        b.wait_text("Got it")
+        assert "/overview" in b.url() and "workflowType=genai" in b.url(), b.url()
+        b.click("button", "Got it")
+        b.click("[role=button]", "Model training")
+        b.wait_text("matching runs")
+        assert f"/experiments/{exp_id}/runs" in b.url(), b.url()
+        b.click("button", "Views")
+        b.wait_text(view)
+        b.click("[role=menuitem]", view)
+        assert_kernel_table(b.wait_text(*names))
+        b.screenshot(tmp_path / "mlflow_ui.png")  # the test's artifact, under its tmp dir
+    with Browser(chromium, profile) as b:  # the same browser later: the plain page opens on the runs
+        b.open(page)
+        b.wait_text("matching runs")
+        assert f"/experiments/{exp_id}/runs" in b.url() and "workflowType=machine_learning" in b.url(), b.url()
+    assert (tmp_path / "mlflow_ui.png").stat().st_size > 0
 
 
 def test_three_processes_setting_up_a_fresh_store_at_once_all_get_the_one_experiment(tmp_path):
