@@ -28,6 +28,7 @@ from tests.project import (
     mlflow_runs,
     ran,
     sh,
+    stop_queue,
     wait_for_queue,
 )
 
@@ -193,6 +194,7 @@ def queued(started) -> Path:
     soon as the baseline was committed) are done."""
     repo = started["queue"].result()
     status = wait_for_queue(repo)
+    stop_queue(repo)
     assert status.count("Success") == 2, status
     return repo
 
