@@ -129,26 +129,32 @@ class Kernel:
         if state is not None and self.num_states > NEIGHBOUR:
             at = (state >= NEIGHBOUR).nonzero(as_tuple=True)
             if len(at[0]):
-                column = self.neighbours[:, : self.num_states - NEIGHBOUR].T[state[at] - NEIGHBOUR]  # [n, V]
-                logits = logits.index_put(at, logits[at].masked_fill(column != xt[at][:, None], float("-inf")))
+                row, y = self._preimage_entries(xt[at], state[at] - NEIGHBOUR)
+                keep = torch.zeros(len(at[0]), logits.shape[-1], dtype=torch.bool, device=logits.device)
+                keep[row, y] = True
+                logits = logits.index_put(at, logits[at].masked_fill(~keep, float("-inf")))
         return logits
 
     def preimage_logsumexp(self, logits: torch.Tensor, at: tuple[torch.Tensor, ...], xt: torch.Tensor,
                            slot: torch.Tensor) -> torch.Tensor:
         """log sum_{y : N(y)[r] = x_t} exp(logits[at][y]) for the positions ``at`` of ``logits`` ([..., V]) at
         neighbour slots ``slot`` = r, in ``logits``' dtype promoted to float32 at least: the normaliser of
-        ``constrain``'s slot rows, read from the preimage lists ([k_max, V] tables) instead of [n, V] masks."""
-        order, start, count = self._preimages()
-        c = count[slot, xt]  # |preimage| per position, >= 1 for a reachable (x_t, r)
-        seg = torch.repeat_interleave(torch.arange(len(c), device=c.device), c)
-        offset = torch.arange(len(seg), device=c.device) - (torch.cumsum(c, 0) - c)[seg]
-        y = order[slot[seg], start[slot[seg], xt[seg]] + offset]
+        ``constrain``'s slot rows, summed over the preimage lists ([k_max, V] tables) alone."""
+        seg, y = self._preimage_entries(xt, slot)
         vals = logits[(*(i[seg] for i in at), y)]
         vals = vals.to(torch.promote_types(vals.dtype, torch.float32))
-        top = torch.full(c.shape, float("-inf"), dtype=vals.dtype, device=c.device)
+        top = torch.full(xt.shape, float("-inf"), dtype=vals.dtype, device=vals.device)
         top = top.scatter_reduce(0, seg, vals.detach(), "amax")
         total = torch.zeros_like(top).index_add(0, seg, (vals - top[seg]).exp())
         return top + total.log()
+
+    def _preimage_entries(self, xt: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(i, y) for every y of the preimage {y : N(y)[r] = x_t} of each position i ([n] ``xt``, ``slot`` = r)."""
+        order, start, count = self._preimages()
+        c = count[slot, xt]  # |preimage| per position, >= 1 for a reachable (x_t, r)
+        i = torch.repeat_interleave(torch.arange(len(c), device=c.device), c)
+        offset = torch.arange(len(i), device=c.device) - (torch.cumsum(c, 0) - c)[i]
+        return i, order[slot[i], start[slot[i], xt[i]] + offset]
 
     def _preimages(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per neighbour slot r, the ids y sorted by N(y)[r], and where each x's preimage starts and its size."""

@@ -112,17 +112,22 @@ def test_the_last_reverse_step_makes_every_reachable_state_clean(name):
 
 @pytest.mark.parametrize("name", ["knn", "semdlm_plus"])
 def test_token_ce_is_the_cross_entropy_of_the_constrained_logits(name):
-    # token_ce reads the neighbour-slot normaliser from preimage lists; it must equal the dense restriction
-    # (Kernel.constrain) at every position, known ones at 0, gradients included
+    # token_ce and Kernel.constrain read the neighbour-slot preimage {y : N(y)[r] = x_t} from sorted lists; both
+    # must equal the restriction written densely from the neighbour table, known positions at 0, gradients included
     kernel = kernels()[name]
     gen = torch.Generator().manual_seed(3)
     x0 = torch.randint(0, 6, (64, 5), generator=gen)
     xt, state = kernel.corrupt(x0, torch.rand(64, dtype=torch.float64, generator=gen), gen)
-    assert bool((state >= NEIGHBOUR).any()) and bool((state == CLEAN).any())
+    slot = state >= NEIGHBOUR
+    assert bool(slot.any()) and bool((state == CLEAN).any())
     logits = torch.randn(64, 5, kernel.vocab_size, generator=gen, dtype=torch.float64, requires_grad=True)
+    table = kernel.neighbours[:, (state - NEIGHBOUR).clamp_min(0)].permute(1, 2, 0)  # [B, L, V]: N(y)[r] per y
+    keep = torch.where(slot[..., None], table == xt[..., None], torch.ones_like(table, dtype=torch.bool))
+    dense = logits.masked_fill(~keep, float("-inf"))
+    restricted = kernel.constrain(logits, xt, state)
+    torch.testing.assert_close(restricted[slot], dense[slot])
     got = token_ce(logits, x0, kernel, xt, state)
-    dense = -torch.log_softmax(kernel.constrain(logits, xt, state), -1).gather(-1, x0[..., None]).squeeze(-1)
-    want = dense.masked_fill(state == CLEAN, 0.0)
+    want = -torch.log_softmax(dense, -1).gather(-1, x0[..., None]).squeeze(-1).masked_fill(state == CLEAN, 0.0)
     torch.testing.assert_close(got, want)
     g_got, = torch.autograd.grad(got.sum(), logits)
     g_want, = torch.autograd.grad(want.sum(), logits)
