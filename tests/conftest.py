@@ -31,8 +31,9 @@ def started(request, tmp_path_factory) -> Iterator[dict]:
     used = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
     jobs: dict = {}
     repro_commit = ["bash", "-c", "dvc repro && git add -A && git commit -qm results"]
-    for name, fixture, cmd in (("fresh", "fresh_repro", ["dvc", "repro"]), ("second", "baseline", repro_commit)):
-        if fixture in used:
+    needs = {"fresh": {"fresh_repro"}, "second": {"baseline", "queued"}}  # the queue starts from the second repro
+    for name, cmd in (("fresh", ["dvc", "repro"]), ("second", repro_commit)):
+        if needs[name] & used:
             repo = new_project(tmp_path_factory.mktemp(name) / "repo", request.getfixturevalue("evaluator_dir"))
             jobs[name] = Background(*cmd, cwd=repo, logs=repo.parent / "logs")
     if "queued" in used:

@@ -1,9 +1,9 @@
 """Training-step time of every kernel as a ratio to `mask`: same model, batch and data, one run.
 
-    python benchmarks/kernels.py [--params params.yaml] [--steps 15]
+    python benchmarks/kernel_ratio.py [--params params.yaml] [--steps 15]
 
 Needs the tokenize / graph / prior outs (run `dvc repro prior graph` first). Target: every kernel <= 1.10x
-mask. Prints a table and writes benchmarks/results/kernels.json.
+mask. Prints a table and writes benchmarks/results/kernel_ratio.json.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--out", default="benchmarks/results/kernels.json")
+    ap.add_argument("--out", default="benchmarks/results/kernel_ratio.json")
     args = ap.parse_args()
     p = load_params(args.params)
     p = replace(p, kernels={"mask": KernelConfig(), **p.kernels})  # mask is the baseline even if not listed
