@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pipeline.common import StageError, atomic  # noqa: E402
-from pipeline.report import markdown_table, save_figure  # noqa: E402
+from pipeline.figures import save_figure  # noqa: E402
+from pipeline.tables import markdown_table  # noqa: E402
 from pipeline.track import EXPERIMENT, tracking_uri  # noqa: E402
 
 STEP_METRICS = ("gen_ppl", "entropy", "below_min_entropy")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.artifacts import metrics_dir
-from pipeline.common import atomic, read_json, write_json
+from pipeline.common import atomic, write_json
+from pipeline.results import collect, models
 from semdlm.config import Params
 
 RESULTS = Path("results")
@@ -24,13 +24,11 @@ GENERATION = RESULTS / "generation.tsv"
 
 def generation(params: Params) -> pd.DataFrame:
     """One row per kernel and sampling-step count: kernel, steps, val_ppl, gen_ppl, entropy."""
-    rows = []
-    for k in params.kernels:
-        val_ppl = read_json(metrics_dir(k) / "train.json", f"train@{k}")["val_ppl"]
-        by_steps = read_json(metrics_dir(k) / "eval.json", f"evaluate@{k}")["by_steps"]
-        rows += [{"kernel": k, "steps": int(s), "val_ppl": val_ppl, "gen_ppl": r["gen_ppl"], "entropy": r["entropy"]}
-                 for s, r in sorted(by_steps.items(), key=lambda item: int(item[0]))]
-    return pd.DataFrame(rows)
+    df = models(collect(params)).rename(columns={"row": "kernel"})
+    df = df.assign(steps=df["steps"].astype(int)).sort_values("steps", kind="stable")
+    order = {k: i for i, k in enumerate(params.kernels)}
+    df = df.sort_values("kernel", key=lambda c: c.map(order), kind="stable")
+    return df[["kernel", "steps", "val_ppl", "gen_ppl", "entropy"]].reset_index(drop=True)
 
 
 def summary(df: pd.DataFrame) -> dict[str, dict[str, float]]:

@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from pipeline import report
+from pipeline import paper, results, tables
 from semdlm.config import DataConfig, Params, SamplerConfig
 
 
@@ -25,7 +25,7 @@ def params(source: str) -> Params:
     ("bbcnews", [], ["paper"]),
 ])
 def test_table3_paper_columns_follow_the_dataset(source, present, absent):
-    header, _, mask_row = report.table3(params(source), run_df()).splitlines()
+    header, _, mask_row = tables.table3(params(source), run_df()).splitlines()
     table = header + "\n" + mask_row
     assert "ours: gen PPL @1024 (mdlm)" in header  # the protocol that produced our numbers
     for text in present:
@@ -38,7 +38,7 @@ def test_table3_paper_columns_follow_the_dataset(source, present, absent):
 def test_table2_paper_column_only_for_lm1b(source, has_table2):
     df = run_df()
     if has_table2:
-        df["paper_ppl"], df["paper_row"] = report.PAPER_TABLE2["mask"]
-    text = report.table2(params(source), report.headline(df))
+        df["paper_ppl"], df["paper_row"] = paper.table2("lm1b")["mask"]
+    text = tables.table2(params(source), results.headline(df))
     assert ("paper: LM1B test PPL" in text and "31.78" in text) == has_table2
     assert ("No paper column" in text) != has_table2
