@@ -178,13 +178,23 @@ def kernel_metrics(rows: pd.DataFrame, disp: dict, now: int) -> list:
     return batch
 
 
+def trained_with(kernel: str) -> dict[str, str]:
+    """The package versions train@kernel recorded in its train.json (empty for a train.json from before)."""
+    return read_json(metrics_dir(kernel) / "train.json", f"train@{kernel}").get("versions", {})
+
+
+def version_tags(versions: dict[str, str]) -> dict[str, str]:
+    return {f"versions.{name}": v for name, v in versions.items()}
+
+
 def _log_child(client, exp_id: str, parent_id: str, run_name: str, tags: dict, params: dict, k: str,
                rows: pd.DataFrame, disp: dict) -> None:
     from mlflow.entities import Metric, Param
 
     run = client.create_run(exp_id, run_name=f"{run_name}/{k}", tags={
         **tags, "mlflow.parentRunId": parent_id, "kernel": k, "sampler": str(rows["sampler"].iloc[0]),
-        "evaluator": str(rows["evaluator"].iloc[0]), "eval_dtype": str(rows["eval_dtype"].iloc[0])})
+        "evaluator": str(rows["evaluator"].iloc[0]), "eval_dtype": str(rows["eval_dtype"].iloc[0]),
+        **version_tags(trained_with(k))})
     now = int(time.time() * 1000)
     batch = kernel_metrics(rows, disp, now)
     for name, cols in (("train_log.tsv", ("loss", "lr", "tokens_per_s")), ("val_log.tsv", ("val_nelbo",))):
@@ -218,7 +228,10 @@ def run(params: Params) -> None:
         client.delete_run(r.info.run_id)
     run_name = exp_name if exp_name != "workspace" else f"workspace@{rev[:7]}"
     tags = {"semdlm.key": key, "semdlm.content": content, "git_rev": rev, "dvc_exp": exp_name}
-    parent = client.create_run(exp_id, run_name=run_name, tags={**tags, "kernels": ",".join(params.kernels)})
+    per_kernel = [trained_with(k) for k in params.kernels]  # the parent carries the versions all kernels share
+    shared = {n: v for n, v in per_kernel[0].items() if all(kv.get(n) == v for kv in per_kernel)}
+    parent = client.create_run(exp_id, run_name=run_name, tags={**tags, "kernels": ",".join(params.kernels),
+                                                                **version_tags(shared)})
     pid = parent.info.run_id
     from mlflow.entities import Metric, Param
 

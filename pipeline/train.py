@@ -40,7 +40,16 @@ from pipeline.artifacts import (
     metrics_dir,
     model_path,
 )
-from pipeline.common import StageError, atomic, autocast, load_params, read_json, resolve_device, write_json
+from pipeline.common import (
+    StageError,
+    atomic,
+    autocast,
+    load_params,
+    provenance,
+    read_json,
+    resolve_device,
+    write_json,
+)
 from semdlm.config import Params, TrainConfig
 from semdlm.kernels import Kernel
 from semdlm.likelihood import bound_name, token_prior_kl, validation_nelbo
@@ -384,4 +393,5 @@ def _finish(params: Params, kernel_name: str, vocab: Vocab, kernel: Kernel, mode
         "device": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
         "ranks": dist.world,
         "deterministic": cfg.deterministic,
+        "versions": provenance(),
     })

@@ -17,7 +17,7 @@ import pandas as pd
 from tests.tiny import write_params
 
 REPO = Path(__file__).resolve().parents[1]
-COPIED = ("dvc.yaml", "pipeline", "semdlm", ".dvcignore", ".gitignore", "pyproject.toml")
+COPIED = ("dvc.yaml", "pipeline", "semdlm", ".dvcignore", ".gitignore", "pyproject.toml", "constraints.txt")
 # Train settings of the test project: checkpoints that fall inside a log window, so a resume must restore it.
 TRAIN = {"steps": 12, "ckpt_every": 3, "log_every": 2, "eval_every": 4}
 KERNELS = {"mask": {}, "semdlm_plus": {"k_max": 4}}

@@ -221,6 +221,24 @@ def test_experiment_is_marked_model_training_and_flat_gen_ppl_names_equal_the_st
         assert {steps: run.data.metrics[f"{metric}_{steps}steps"] for steps in (2, 4)} == history
 
 
+def test_every_run_records_the_package_versions_its_model_was_trained_with(tracked):
+    """train.json names the versions (and the lock's hash) it ran with; MLflow's kernel runs carry them as tags,
+    and the parent run those that every kernel shares."""
+    from importlib import metadata
+
+    from mlflow.tracking import MlflowClient
+
+    trained = json.loads((tracked.parent / "metrics/mask/train.json").read_text())["versions"]
+    assert trained["torch"] == metadata.version("torch") and trained["transformers"] == metadata.version("transformers")
+    assert {"python", "semdlm", "numpy", "dvc", "mlflow", "constraints.txt"} <= set(trained)
+    client = MlflowClient(f"sqlite:///{tracked}")
+    exp = client.get_experiment_by_name("semdlm")
+    run = client.search_runs([exp.experiment_id], "tags.kernel = 'mask'")[0]
+    assert {k.removeprefix("versions."): v for k, v in run.data.tags.items() if k.startswith("versions.")} == trained
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["versions.torch"] == trained["torch"]
+
+
 def test_compare_x_plots_val_ppl_and_gen_ppl_against_a_param_that_varies(tracked, tmp_path):
     out = tmp_path / "compare"
     invoke("compare", "--out", str(out), "--tracking-uri", f"sqlite:///{tracked}", "--x", "sampler.lambda_sem")
