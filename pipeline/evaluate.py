@@ -4,6 +4,11 @@ Reference rows, computed by the same code: held-out validation text (a floor for
 drawn from the train unigram distribution (a ceiling), so every model can be placed between them. Samples and
 reference rows are turned into text by the same ``decode`` (special tokens kept as text, as MDLM does), so a
 reference row is scored on exactly what a perfect model of the vocabulary would emit.
+
+With ``data.source: synthetic`` the data law is known (semdlm/synthetic.py): every row also gets its exact NLL per
+token under that law (``true_nll``, ``true_ppl``, the share of rows of probability zero, the exact entropy H per
+token and ``true_nll - H``), beside the evaluator LM's gen PPL, and metrics/reference.json a ``truth`` block: the
+whole held-out split scored by the law (its PPL estimates exp(H)), H and the unigram line of the law.
 """
 
 from __future__ import annotations
@@ -12,15 +17,27 @@ import functools
 import math
 import time
 
+import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from pipeline import assets
 from pipeline import evaluator as ev
-from pipeline.artifacts import REFERENCE, Vocab, load_prior, load_split, load_vocab, metrics_dir, samples_path
-from pipeline.common import StageError, read_parquet, write_json
+from pipeline.artifacts import (
+    REFERENCE,
+    TOKENS,
+    VOCAB,
+    Vocab,
+    load_prior,
+    load_split,
+    load_vocab,
+    metrics_dir,
+    samples_path,
+)
+from pipeline.common import StageError, read_json, read_parquet, require, write_json
 from semdlm.config import EvalConfig
 from semdlm.metrics import GenPPL, diversity, gen_ppl, gen_ppl_mdlm, mdlm_rows, retokenize
+from semdlm.synthetic import RowLaw, truth_scores
 
 PROTOCOLS = {
     "mdlm": "MDLM compute_generative_perplexity: evaluator tokens with the tokenizer's defaults (GPT-2: no BOS), "
@@ -77,6 +94,20 @@ def score(e: ev.Evaluator, vocab: Vocab, ids: list[list[int]], cfg: EvalConfig, 
     return row
 
 
+def truth_law() -> RowLaw | None:
+    """The exact law of the rows when data.source is synthetic (tokenize wrote it beside vocab.json), else None."""
+    block = read_json(VOCAB, "tokenize").get("synthetic")
+    if not block:
+        return None
+    with np.load(require(TOKENS / block["law"], "tokenize")) as arrays:
+        return RowLaw.from_arrays(dict(arrays))
+
+
+def truth_of(law: RowLaw | None, vocab: Vocab, ids: list[list[int]] | torch.Tensor) -> dict:
+    """``truth_scores`` of model-id rows under the data law; empty for a source whose law is unknown."""
+    return {} if law is None else truth_scores(law, vocab.ids[np.asarray(ids)])
+
+
 def provenance(cfg: EvalConfig, seq_len: int) -> dict:
     """What every gen PPL is measured with: written beside the numbers in every metrics file."""
     return {"evaluator": cfg.model, "eval_dtype": cfg.dtype, "protocol": cfg.gen_ppl_protocol,
@@ -93,11 +124,12 @@ def run(cfg: EvalConfig, kernel_name: str) -> None:
         raise StageError(f"{samples_path(kernel_name)} has no steps column (written by an older version); "
                          f"run `dvc repro -f sample@{kernel_name}`")
     start = time.perf_counter()
-    vocab, e = load_vocab(), ev.load(cfg)
-    by_steps = {
-        str(steps): score(e, vocab, [list(r) for r in g["ids"]], cfg, f"evaluate@{kernel_name} {steps}")
-        for steps, g in df.groupby("steps", sort=True)
-    }
+    vocab, e, law = load_vocab(), ev.load(cfg), truth_law()
+    by_steps = {}
+    for steps, g in df.groupby("steps", sort=True):
+        ids = [list(r) for r in g["ids"]]
+        by_steps[str(steps)] = {**score(e, vocab, ids, cfg, f"evaluate@{kernel_name} {steps}"),
+                                **truth_of(law, vocab, ids)}
     write_json(metrics_dir(kernel_name) / "eval.json", {**provenance(cfg, len(df["ids"].iloc[0])),
                                                         "device": str(e.device), "wall_s": time.perf_counter() - start,
                                                         "by_steps": by_steps})
@@ -106,13 +138,18 @@ def run(cfg: EvalConfig, kernel_name: str) -> None:
 def reference(cfg: EvalConfig, seed: int = 0) -> None:
     """Score held-out text and unigram samples (same length, count and decoding as model samples)."""
     vocab = load_vocab()
-    valid = load_split("valid")[: cfg.num_reference]
+    heldout = load_split("valid")
+    valid = heldout[: cfg.num_reference]
     count = load_prior()["count"].clone()
     count[vocab.mask] = 0.0
     gen = torch.Generator().manual_seed(seed)
     unigram = torch.multinomial(count / count.sum(), valid.numel(), replacement=True, generator=gen).view(valid.shape)
-    e = ev.load(cfg)
-    rows = {name: score(e, vocab, ids.tolist(), cfg, f"reference {name}")
+    e, law = ev.load(cfg), truth_law()
+    rows = {name: {**score(e, vocab, ids.tolist(), cfg, f"reference {name}"), **truth_of(law, vocab, ids)}
             for name, ids in (("heldout_text", valid), ("unigram_samples", unigram))}
+    if law is not None:  # the whole held-out split under the law: its true PPL estimates exp(H), within true_nll_se
+        rows["truth"] = {"heldout_split": {**truth_of(law, vocab, heldout), "rows": len(heldout)},
+                         "entropy_per_row": law.entropy(), "entropy_per_token": law.entropy() / law.seq_len,
+                         "unigram_entropy_per_token": law.unigram_entropy()}
     rows.update(provenance(cfg, valid.shape[1]), device=str(e.device))
     write_json(REFERENCE, rows)

@@ -6,10 +6,17 @@ of ``data.shard_sequences`` rows, so a corpus the size of OpenWebText never has 
 compact vocabulary the shards are re-mapped shard by shard once the counts are known. Text that spells a special
 token ("[MASK]", "[SEP]", ...) is encoded as ordinary text ("[", "mask", "]"): a special id only ever comes from
 the packing. Outs: data/tokens/{train,valid}/part-*.parquet and vocab.json.
+
+``data.source: synthetic`` has no documents: its rows are drawn from the seeded HMM language of
+semdlm/synthetic.py, one sequence per row, and written as the same shards and vocab.json; beside them the law
+(synthetic.npz, named with its content digest in vocab.json's ``synthetic`` block) and a readable summary
+(synthetic.json: clusters, exact entropies).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator
@@ -24,11 +31,14 @@ from pipeline import assets
 from pipeline.artifacts import TOKENS, VOCAB, read_rows
 from pipeline.common import StageError, atomic, write_json
 from pipeline.sources import Corpus, open_corpus, read_corpus  # noqa: F401 - read_corpus is part of this API
-from semdlm.config import DataConfig
+from semdlm import synthetic
+from semdlm.config import SYNTHETIC, DataConfig
 from semdlm.data import Packer, compact_vocab, lookup_table
 
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CHUNK_DOCS = 2000  # documents per tokenizer task
+SYNTHETIC_LAW, SYNTHETIC_SUMMARY = "synthetic.npz", "synthetic.json"  # under data/tokens, source: synthetic only
+SYNTHETIC_CHUNK = 4096  # rows drawn at a time (fixed: the rows do not depend on data.shard_sequences)
 
 _worker: dict = {}
 
@@ -131,6 +141,9 @@ def _remap(folder: Path, table: np.ndarray, unk: int) -> int:
 
 
 def run(cfg: DataConfig) -> None:
+    if cfg.source == SYNTHETIC:
+        run_synthetic(cfg)
+        return
     corpus = open_corpus(cfg)
     tok = assets.tokenizer()
     V_full = tok.get_vocab_size()
@@ -164,4 +177,85 @@ def run(cfg: DataConfig) -> None:
             "sequences": {k: w.rows for k, w in writers.items()},
             "shards": {k: w.shards for k, w in writers.items()},
             "unk_rate_train": n_unk["train"] / (writers["train"].rows * cfg.seq_len),
+        })
+
+
+def law_digest(law: synthetic.RowLaw) -> str:
+    """sha256 of the law's arrays (names, dtypes, shapes, bytes): vocab.json carries it, so a stage that depends on
+    vocab.json re-runs when the law changes (the .npz file itself is not byte-stable: zip time stamps)."""
+    h = hashlib.sha256()
+    for name, a in sorted(law.to_arrays().items()):
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def synthetic_summary(cfg: DataConfig, law: synthetic.RowLaw, tokens: list[str], emb: np.ndarray) -> dict:
+    """synthetic.json: the language's exact entropies, how MiniLM-coherent its clusters are, and the clusters."""
+    syn = cfg.synthetic
+    cluster_of = np.repeat(np.arange(syn.states), syn.cluster_size)
+    probs = law.hmm.emit[cluster_of, np.arange(len(law.words))]
+    h_row = law.entropy()
+    return {
+        "config": dataclasses.asdict(syn),
+        "seq_len": cfg.seq_len,
+        "frame": [tokens[law.first], tokens[law.last]],
+        "words": len(law.words),
+        "entropy_per_row": h_row,
+        "entropy_per_token": h_row / cfg.seq_len,  # per row position, frame included (the bounds' unit)
+        "entropy_per_word": h_row / law.length,
+        "entropy_rate_per_word": synthetic.entropy_rate(law.hmm),
+        "unigram_entropy_per_token": law.unigram_entropy(),
+        "neighbour_purity": {  # of each word's C - 1 MiniLM-nearest language words, the share in its own cluster
+            "k": syn.cluster_size - 1,
+            "share": synthetic.neighbour_purity(emb[law.words], cluster_of, syn.cluster_size - 1),
+            "chance": (syn.cluster_size - 1) / (len(law.words) - 1),
+        },
+        "clusters": [{"state": k, "tokens": [tokens[i] for i in law.words[cluster_of == k]],
+                      "probs": probs[cluster_of == k].tolist()} for k in range(syn.states)],
+    }
+
+
+def run_synthetic(cfg: DataConfig) -> None:
+    """``data.source: synthetic``: rows [first] x_1 .. x_{L-2} [last] drawn from the language of ``data.synthetic``
+    (semdlm/synthetic.py; first = [CLS], last = [SEP] for cls_sep, [CLS] for wrap). The compact vocabulary is the
+    specials and every word of the language (its support, whatever the counts; ``data.min_count`` is not used),
+    so no row token becomes [UNK]. Train and valid rows come from two streams of ``data.seed``."""
+    tok = assets.tokenizer()
+    V_full = tok.get_vocab_size()
+    tokens = [tok.id_to_token(i) for i in range(V_full)]
+    names = [s.strip("[]").lower() for s in SPECIALS]
+    full = dict(zip(names, (tok.token_to_id(s) for s in SPECIALS), strict=True))
+    emb = assets.word_embeddings().numpy()
+    last = full["sep"] if cfg.packing == "cls_sep" else full["cls"]
+    law = synthetic.make_language(cfg.synthetic, tokens, emb, full["cls"], last, cfg.seq_len)
+    kept = (np.concatenate([list(full.values()), np.sort(law.words)]) if cfg.vocab == "compact"
+            else np.arange(V_full))
+    table = lookup_table(kept, V_full, unk_compact=int(np.flatnonzero(kept == full["unk"])[0]))
+    total = cfg.synthetic.sequences
+    n_valid = min(max(1, round(total * cfg.valid_fraction)), total - 1)
+    with atomic(TOKENS) as tmp:
+        tmp.mkdir()
+        writers = {}
+        for stream, (split, n) in enumerate((("train", total - n_valid), ("valid", n_valid))):
+            rng = np.random.default_rng([cfg.seed, stream])
+            writers[split] = ShardWriter(tmp / split, cfg.seq_len, cfg.shard_sequences, int(table[full["unk"]]))
+            for start in range(0, n, SYNTHETIC_CHUNK):
+                writers[split].add(table[law.sample(min(SYNTHETIC_CHUNK, n - start), rng)])
+            writers[split].close()
+        np.savez(tmp / SYNTHETIC_LAW, **law.to_arrays())
+        write_json(tmp / SYNTHETIC_SUMMARY, synthetic_summary(cfg, law, tokens, emb))
+        write_json(tmp / VOCAB.name, {
+            "tokenizer": assets.TOKENIZER_NAME,
+            "source": cfg.source,
+            "ids": kept.tolist(),
+            "tokens": [tokens[int(i)] for i in kept],
+            "special": {n: int(table[i]) for n, i in full.items()},
+            "seq_len": cfg.seq_len,
+            "packing": cfg.packing,
+            "documents": {k: w.rows for k, w in writers.items()},  # one HMM sequence per row
+            "sequences": {k: w.rows for k, w in writers.items()},
+            "shards": {k: w.shards for k, w in writers.items()},
+            "unk_rate_train": writers["train"].counted / (writers["train"].rows * cfg.seq_len),
+            "synthetic": {"law": SYNTHETIC_LAW, "summary": SYNTHETIC_SUMMARY, "sha256": law_digest(law)},
         })

@@ -33,6 +33,41 @@ def check_device(value: str, key: str) -> None:
            f"{key}={value!r} is not a device; use auto (CUDA when available), cpu, cuda or cuda:<index>")
 
 
+SYNTHETIC = "synthetic"  # data.source of the seeded language whose law is known (semdlm/synthetic.py)
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """``data.synthetic``: the hidden Markov language of ``data.source: synthetic`` (semdlm/synthetic.py).
+
+    ``states`` hidden states, each emitting from its own cluster of ``cluster_size`` MiniLM-close whole-word
+    tokens (drawn from the ``pool`` most frequent ones); transition rows ~ Dirichlet(``transition_concentration``)
+    (small = peaked = a low entropy rate), emission rows ~ Dirichlet(``emission_concentration``) over the cluster.
+    ``sequences`` rows in all (``data.valid_fraction`` of them held out). ``seed`` fixes the language (clusters and
+    probabilities); ``data.seed`` the corpus drawn from it.
+    """
+
+    states: int = 32
+    cluster_size: int = 16
+    transition_concentration: float = 0.1
+    emission_concentration: float = 1.0
+    sequences: int = 20000
+    pool: int = 4000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.states >= 2, f"data.synthetic.states={self.states} must be >= 2 (e.g. 32)")
+        _check(self.cluster_size >= 2, f"data.synthetic.cluster_size={self.cluster_size} must be >= 2 (e.g. 16)")
+        _check(self.pool >= self.states * self.cluster_size,
+               f"data.synthetic.pool={self.pool} must be >= states x cluster_size = "
+               f"{self.states * self.cluster_size}; raise pool or lower states / cluster_size")
+        for key in ("transition_concentration", "emission_concentration"):
+            value = getattr(self, key)
+            _check(0.01 <= value <= 1e3 and math.isfinite(value),
+                   f"data.synthetic.{key}={value} must be in [0.01, 1000] (a Dirichlet concentration; small = peaked)")
+        _check(self.sequences >= 2, f"data.synthetic.sequences={self.sequences} must be >= 2 (train and valid rows)")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "bbcnews"  # "bbcnews" (embedded), lm1b / openwebtext / wikitext103, a text file/dir, a datasets id
@@ -48,8 +83,13 @@ class DataConfig:
     workers: int = 1  # tokenizer processes (named sources stream through them)
     shard_sequences: int = 65536  # packed sequences per parquet shard of data/tokens/<split>/
     packing: str = "cls_sep"  # "wrap": BD3-LM (doc [CLS] ..., rows [CLS] + L-2 + [CLS]); "cls_sep": [CLS] doc [SEP]
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # used by source: synthetic only
 
     def __post_init__(self) -> None:
+        if isinstance(self.synthetic, dict):  # the nested params mapping, checked key by key like a section
+            object.__setattr__(self, "synthetic", section(SyntheticConfig, self.synthetic, "data.synthetic"))
+        _check(isinstance(self.synthetic, SyntheticConfig),
+               f"data.synthetic={self.synthetic!r} must be a mapping of its keys, e.g. {{states: 32}}")
         _check(self.workers >= 1, f"data.workers={self.workers} must be >= 1")
         _check(self.shard_sequences >= 1, f"data.shard_sequences={self.shard_sequences} must be >= 1")
         _check(self.seq_len >= 8, f"data.seq_len={self.seq_len} is too short; use seq_len >= 8 (e.g. 64)")
