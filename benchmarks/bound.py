@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.common import load_params
+from semdlm.config import load_params
 from semdlm.kernels import knn, semdlm_plus
 from semdlm.likelihood import latent_bound, latent_prior_kl, marginal_bound, marginal_prior_kl
+from semdlm.provenance import machine, versions
 from semdlm.schedules import Schedule
 
 
@@ -72,8 +73,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['kernel']:12s} {r['model']:7s} {r['s_per_1000_positions']:11.3f} {r['prior_once_s']:15.1f} "
               f"{r['projected_final_bound_h']:12.2f}")
-    Path(args.out).write_text(json.dumps({"machine": platform.node(), "device": str(device), "vocab": V, "k_max": K,
-                                          "seq_len": L, "threads": torch.get_num_threads(), "rows": rows}, indent=1))
+    result = {"machine": machine(str(device)), "versions": versions(), "device": str(device), "vocab": V, "k_max": K,
+              "seq_len": L, "threads": torch.get_num_threads(), "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
