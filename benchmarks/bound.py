@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -67,8 +66,8 @@ def main() -> None:
     positions = tc.val_sequences * L * tc.val_repeats
     for r in rows:
         r["projected_final_bound_h"] = r["s_per_1000_positions"] * positions / 1000 / 3600
-    print(f"V={V} k_max={K} L={L} device={device} ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads); projection: {args.profile} final bound = {positions:,} positions")
+    print(f"V={V} k_max={K} L={L} device={device} ({machine(str(device))}); projection: {args.profile} final bound = "
+          f"{positions:,} positions")
     print(f"{'kernel':12s} {'model':7s} {'s / 1k pos':>11s} {'prior (once) s':>15s} {'projected h':>12s}")
     for r in rows:
         print(f"{r['kernel']:12s} {r['model']:7s} {r['s_per_1000_positions']:11.3f} {r['prior_once_s']:15.1f} "
