@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-from pipeline.common import load_params
+from semdlm.config import load_params
 from semdlm.kernels import knn, semdlm_plus
 from semdlm.likelihood import latent_bound, latent_prior_kl, marginal_bound, marginal_prior_kl
+from semdlm.provenance import machine, versions
 from semdlm.schedules import Schedule
 
 
@@ -66,14 +66,15 @@ def main() -> None:
     positions = tc.val_sequences * L * tc.val_repeats
     for r in rows:
         r["projected_final_bound_h"] = r["s_per_1000_positions"] * positions / 1000 / 3600
-    print(f"V={V} k_max={K} L={L} device={device} ({platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads); projection: {args.profile} final bound = {positions:,} positions")
+    print(f"V={V} k_max={K} L={L} device={device} ({machine(str(device))}); projection: {args.profile} final bound = "
+          f"{positions:,} positions")
     print(f"{'kernel':12s} {'model':7s} {'s / 1k pos':>11s} {'prior (once) s':>15s} {'projected h':>12s}")
     for r in rows:
         print(f"{r['kernel']:12s} {r['model']:7s} {r['s_per_1000_positions']:11.3f} {r['prior_once_s']:15.1f} "
               f"{r['projected_final_bound_h']:12.2f}")
-    Path(args.out).write_text(json.dumps({"machine": platform.node(), "device": str(device), "vocab": V, "k_max": K,
-                                          "seq_len": L, "threads": torch.get_num_threads(), "rows": rows}, indent=1))
+    result = {"machine": machine(str(device)), "versions": versions(), "device": str(device), "vocab": V, "k_max": K,
+              "seq_len": L, "threads": torch.get_num_threads(), "rows": rows}
+    Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -117,13 +117,13 @@ def benchmark_rows(step: dict, sampling: dict, status: dict) -> list[dict]:
 
 
 def summary(work: Path, step_json: Path, sampling_json: Path, out: Path, dry: bool) -> int:
-    from pipeline.common import StageError, load_params, resolve_device
-    from semdlm.config import ConfigError
+    from semdlm.config import ConfigError, load_params
+    from semdlm.devices import resolve_device
 
     status = {p: read(work / f"{p}.status") for p in PARTS if (work / f"{p}.status").exists()}
     try:
         train_device = str(resolve_device(load_params().train.device, "train.device"))
-    except (ConfigError, StageError):
+    except ConfigError:
         train_device = "none"
     repro_end = status.get("repro", {}).get("end", 0.0)
     rows = [stage_row(name, s, train_device) for name, s in stage_times(work / "repro.log", repro_end).items()]

@@ -1,11 +1,13 @@
 """Sampling cost per sampler: network function evaluations (NFE) / S and samples/s, on the device.
 
-    python benchmarks/sampling.py [--params params.yaml] [--num 16]       # the pipeline's trained models
+    python benchmarks/sampling.py [--params params.yaml] [--num 16] [--models models]   # the trained models
     python benchmarks/sampling.py --config paper [--batch 0] [--steps 128] [--lengths 128,1024]
 
-Default: the trained models of the pipeline (`dvc repro` first), mask and, when it is trained, semdlm_plus, each
-with ancestral / tau_leaping / blockwise (no correctors) at S = 32/64/128, and cached vs plain ancestral on the
-masking model as a ratio, measured in one run. Targets: NFE <= 1.1 x S for every sampler; the cache >= 1.5x
+Default: the trained models of the pipeline (``--models``/<kernel>/model.pt: `dvc repro` first), mask and, when it
+is trained, semdlm_plus, each with ancestral / tau_leaping / blockwise (no correctors) at S = 32/64/128, and cached vs
+plain ancestral on the masking model as a ratio, measured in one run. The kernels' tables are synthetic ones of the
+model's vocabulary (``semdlm.stand_ins``: uniform nu and x_0 law, a random [V, graph.k_max] neighbour table): the
+same shapes, so the same cost, as the pipeline's. Targets: NFE <= 1.1 x S for every sampler; the cache >= 1.5x
 faster at S >= 128 on the masking model. Writes benchmarks/results/sampling.json.
 
 ``--config paper``: the 110M model of params/lm1b.yaml with random weights, V = 30,522, a random [V, k_max]
@@ -28,15 +30,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import yaml
-from train_step import machine, synthetic_kernel  # shared with the step benchmark (benchmarks/ is on the path)
 
-from pipeline.common import StageError, in_precision, load_params, on_device, resolve_device
-from semdlm.config import ConfigError, KernelConfig, ModelConfig, SamplerConfig, section
+from semdlm.config import ConfigError, KernelConfig, ModelConfig, SamplerConfig, load_params, read_yaml, section
+from semdlm.devices import in_precision, on_device, resolve_device
 from semdlm.kernels import Kernel, masking
 from semdlm.model import Denoiser
 from semdlm.penalties import penalty
+from semdlm.provenance import machine, versions
 from semdlm.samplers import Denoise, SampleResult, Transform, ancestral, blockwise, tau_leaping
+from semdlm.stand_ins import random_kernel, uniform_unigram
 
 PROJECT_SAMPLES, PROJECT_LEN, PROJECT_STEPS = 1000, 1024, 1024  # the projection: OWT-size sampling (Table 3)
 
@@ -68,15 +70,17 @@ def run_sampler(name: str, denoise: Denoise, latent: bool, kernel: Kernel, num: 
 
 def run_params(args: argparse.Namespace, device: torch.device) -> dict:
     """The pipeline's trained models at S = 32/64/128 with the params' sampler settings (no penalties)."""
-    from pipeline.artifacts import load_denoiser, load_kernel, load_unigram, load_vocab, model_path
-
     p = load_params(args.params)
-    vocab = load_vocab()
-    x0 = load_unigram(vocab).to(device)
     cfg = p.sampler
+    gen = torch.Generator().manual_seed(0)
     rows = []
-    for kname in [k for k in ("mask", "semdlm_plus") if k in p.kernels and model_path(k).exists()]:
-        kernel, model = on_device(load_kernel(kname, p, vocab), device), load_denoiser(kname).to(device)
+    paths = {k: Path(args.models) / k / "model.pt" for k in ("mask", "semdlm_plus") if k in p.kernels}
+    trained = {k: path for k, path in paths.items() if path.exists()}
+    for kname, path in trained.items():
+        model = Denoiser.load(path).to(device)
+        V = model.vocab_size
+        kernel = random_kernel(kname, p.kernels[kname], V, gen, p.graph.k_max, model.mask_id)
+        kernel, x0 = on_device(kernel, device), uniform_unigram(V, model.mask_id).to(device)
         denoise = in_precision(model, device, p.train.precision)
         names = ["ancestral", "blockwise", "tau_leaping"] + (["ancestral_plain"] if kname == "mask" else [])
         for S in (32, 64, 128):
@@ -97,36 +101,34 @@ def run_params(args: argparse.Namespace, device: torch.device) -> dict:
 
 def run_paper(args: argparse.Namespace, device: torch.device) -> dict:
     """params/lm1b.yaml's model (random weights) and sampler at each length, mask and semdlm_plus."""
-    raw = yaml.safe_load(Path(args.profile).read_text())
+    raw = read_yaml(args.profile)
     model_cfg = section(ModelConfig, raw["model"], "model")
     cfg = section(SamplerConfig, raw["sampler"], "sampler")
     precision = raw["train"]["precision"]
     V = args.vocab
     gen = torch.Generator().manual_seed(0)
     plus_cfg = section(KernelConfig, raw.get("kernels", {}).get("semdlm_plus"), "kernels.semdlm_plus")
-    plus = synthetic_kernel("semdlm_plus", plus_cfg, V, gen)
+    plus = random_kernel("semdlm_plus", plus_cfg, V, gen)
     kernels = {"mask": on_device(masking(V, V - 1), device), "semdlm_plus": on_device(plus, device)}
     sims = torch.rand(plus.neighbours.shape, dtype=torch.float64, generator=gen)  # random graph similarities
     transform = penalty(cfg.lambda_freq, cfg.lambda_sem, cfg.window, plus.neighbours.to(device), sims.to(device))
-    x0 = torch.ones(V, dtype=torch.float64, device=device)
-    x0[-1] = 0.0  # x_0 never [MASK]
-    x0 /= x0.sum()
-    # the latent-state model: one state table that serves both kernels (its size does not change the cost)
-    states = max(k.num_states for k in kernels.values()) if model_cfg.latent_state else 0
+    x0 = uniform_unigram(V).to(device)  # x_0 never [MASK]
+    # one model for both kernels; the latent-state model's state table is the larger kernel's (the cost is the same)
+    widest = max(kernels.values(), key=lambda k: k.num_states)
     rows = []
     for L in (int(x) for x in args.lengths.split(",")):
         B = args.batch or (64 if L <= 128 else 32)
         torch.manual_seed(0)
-        model = Denoiser(V, L, model_cfg, V - 1, states).to(device).eval()
+        model = Denoiser.for_kernel(model_cfg, widest, L, model_cfg.latent_state).to(device).eval()
         denoise = in_precision(model, device, precision)
         with torch.no_grad():  # warm-up: CUDA context, kernels and allocator before the first timing
             zeros = torch.zeros(B, L, dtype=torch.long, device=device)
-            denoise(zeros, torch.ones(B, device=device), zeros if states else None)
+            denoise(zeros, torch.ones(B, device=device), zeros if model.num_states else None)
         for kname, kernel in kernels.items():
             for name in args.samplers.split(","):
                 g = torch.Generator(device=device).manual_seed(0)
-                res, wall = timed(device, run_sampler, name, denoise, states > 0, kernel, B, L, args.steps, cfg, g, x0,
-                                  transform)
+                res, wall = timed(device, run_sampler, name, denoise, model.num_states > 0, kernel, B, L, args.steps,
+                                  cfg, g, x0, transform)
                 row = {"kernel": kname, "sampler": name, "seq_len": L, "batch": B, "steps": args.steps, "nfe": res.nfe,
                        "nfe_over_steps": res.nfe / args.steps, "wall_s": wall, "samples_per_s": B / wall,
                        "s_per_step": wall / args.steps}
@@ -146,6 +148,7 @@ def main() -> None:
     ap.add_argument("--config", choices=("params", "paper"), default="params")
     ap.add_argument("--params", default="params.yaml", help="params: the pipeline's params file")
     ap.add_argument("--num", type=int, default=16, help="params: samples per run")
+    ap.add_argument("--models", default="models", help="params: the folder of the trained <kernel>/model.pt")
     ap.add_argument("--profile", default="params/lm1b.yaml", help="paper: model, sampler and kernel settings")
     ap.add_argument("--vocab", type=int, default=30522, help="paper: vocabulary size")
     ap.add_argument("--lengths", default="128,1024", help="paper: sequence lengths")
@@ -158,9 +161,9 @@ def main() -> None:
     args = ap.parse_args()
     try:
         device = resolve_device(args.device, "--device")
-    except (ConfigError, StageError) as e:
+    except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    result = {"machine": machine(device), "device": str(device), "note": args.note,
+    result = {"machine": machine(str(device)), "versions": versions(), "device": str(device), "note": args.note,
               "load_average_at_start": os.getloadavg()[0]}
     result.update(run_paper(args, device) if args.config == "paper" else run_params(args, device))
     result["load_average_at_end"] = os.getloadavg()[0]

@@ -3,30 +3,32 @@
     python benchmarks/train_step.py [--params params.yaml] [--steps 20]          # the embedded default's model
     python benchmarks/train_step.py --config paper [--batch 64] [--steps 10]    # 110M model, L = 128 and 1024
 
-The step is the trainer's own (semdlm.training: corrupt_batch + train_step, AdamW; bf16 autocast and optional
-torch.compile on CUDA) on synthetic tokens. The peak is the GPU's dense bf16 FLOP/s from its data sheet (or
-``--peak``); on a CPU it is a float32 matmul measured in the same run. ``--config paper`` times every kernel
-(mask, uniform, knn, semdlm_plus with a random [V, k_max] neighbour table) at both of the paper's lengths.
+The step is the trainer's own: ``semdlm.training.draw_batch`` then ``optimizer_step`` (the Eq. 120 loss, clipping,
+AdamW, the learning-rate schedule and the EMA of the params; bf16 autocast and optional torch.compile on CUDA), one
+micro-batch per step on one device, on synthetic tokens (``semdlm.stand_ins``). The peak is the GPU's dense bf16
+FLOP/s from its data sheet (or ``--peak``); on a CPU it is a float32 matmul measured in the same run.
+``--config paper`` times every kernel (mask, uniform, knn, semdlm_plus with a random [V, k_max] neighbour table) at
+both of the paper's lengths.
 Writes benchmarks/results/train_step.json (default) or train_step_paper_<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-from pipeline.common import load_params
-from semdlm.config import KernelConfig, Params
-from semdlm.kernels import Kernel, build_kernel, masking
+from semdlm.config import KernelConfig, Params, deep_merge, load_params, parse_params, read_yaml
+from semdlm.kernels import Kernel, masking
 from semdlm.model import Denoiser
-from semdlm.training import corrupt_batch, make_optimizer, normaliser, train_step
+from semdlm.provenance import machine, versions
+from semdlm.stand_ins import random_kernel, random_rows
+from semdlm.training import TrainState, corrupt_batch, draw_batch, optimizer_step
 
 GPU_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
                  "A10": 125e12}  # dense (no sparsity) bf16 tensor-core FLOP/s, vendor data sheets
@@ -67,46 +69,33 @@ def model_flops_per_token(model: Denoiser, seq_len: int) -> float:
     return 6 * matmul + 6 * 2 * L * seq_len * d
 
 
-def synthetic_kernel(name: str, cfg: KernelConfig, V: int, gen: torch.Generator) -> Kernel:
-    """Kernel over V ids with [MASK] = V - 1, uniform nu and a random neighbour table (never V x V)."""
-    valid = torch.ones(V, dtype=torch.bool)
-    valid[-1] = False
-    nu = valid.double() / valid.sum()
-    neighbours = torch.randint(0, V - 1, (V, cfg.k_max), generator=gen)
-    return build_kernel(name, cfg, mask_id=V - 1, valid=valid, unigram_nu=nu, neighbours=neighbours)
-
-
 def time_steps(p: Params, kernels: dict[str, tuple[Kernel, KernelConfig]], V: int, L: int, B: int, steps: int,
                device: torch.device) -> tuple[dict[str, list[float]], Denoiser]:
-    """Seconds of each timed optimiser step (the trainer's step) per kernel, after warm-up.
+    """Seconds of each timed optimiser step (the trainer's step: draw_batch + optimizer_step) per kernel, after
+    warm-up, B sequences of length L per step.
 
-    The kernels take turns on one model, step by step, so that a change in the machine's load hits all alike.
+    The kernels take turns on one model, step by step, so that a change in the machine's load hits all alike; its
+    latent-state table is sized for the kernel with the most states (the network's cost is the same for all).
     """
+    cfg = dataclasses.replace(p.train, batch_size=B, devices=1, grad_accum=1)
     torch.manual_seed(0)
-    states = max(k.num_states for k, _ in kernels.values()) if p.model.latent_state else 0
-    model = Denoiser(V, L, p.model, V - 1, states).to(device)
+    widest = max((k for k, _ in kernels.values()), key=lambda k: k.num_states)
+    model = Denoiser.for_kernel(p.model, widest, L, p.model.latent_state).to(device)
+    state = TrainState.new(model, cfg)
     on_device = {k.name: k.to(device) for k, _ in kernels.values()}  # constrain() runs where the logits are
-    if p.train.compile and device.type == "cuda":
+    if cfg.compile and device.type == "cuda":
         torch._dynamo.reset()  # a fresh compile per length: no automatic-dynamic recompile of the last one
         net = torch.compile(model)
     else:
         net = model
-    opt = make_optimizer(model, p.train)
-    gen = torch.Generator().manual_seed(0)
-    x0 = torch.randint(0, V - 1, (B, L), generator=gen)
-    bf16 = device.type == "cuda" and p.train.precision == "bf16"
+    rows = random_rows(B, L, V, state.gen)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(kernel: Kernel, kcfg: KernelConfig) -> float:
         sync()
         t0 = time.perf_counter()
-        batch = corrupt_batch(x0, kernel, p.train, kcfg, gen).to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            loss = train_step(net, on_device[kernel.name], batch, slice(None), kcfg, normaliser(batch.counts, kcfg),
-                              p.model.latent_state)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        batch = draw_batch(rows, kernel, cfg, kcfg, state.gen, never=kernel.mask_id).to(device)
+        optimizer_step(state, net, on_device[kernel.name], batch, cfg, kcfg, p.model.latent_state)
         sync()
         return time.perf_counter() - t0
 
@@ -118,13 +107,6 @@ def time_steps(p: Params, kernels: dict[str, tuple[Kernel, KernelConfig]], V: in
             if i >= warm:
                 times[name].append(dt)
     return times, model
-
-
-def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
-            f"torch {torch.__version__}")
 
 
 def run_default(p: Params, V: int, steps: int, device: torch.device) -> dict:
@@ -142,7 +124,7 @@ def run_paper(p: Params, V: int, batch: int, steps: int, device: torch.device, l
     gen = torch.Generator().manual_seed(0)
     cfgs = {"mask": KernelConfig(), "uniform": KernelConfig(), "knn": KernelConfig(k=8),
             "semdlm_plus": p.kernels.get("semdlm_plus", KernelConfig())}
-    kernels = {name: (synthetic_kernel(name, cfg, V, gen), cfg) for name, cfg in cfgs.items()}
+    kernels = {name: (random_kernel(name, cfg, V, gen), cfg) for name, cfg in cfgs.items()}
     runs = []
     for L in lengths:
         B = batch or max(1, 1024 // L)
@@ -186,7 +168,7 @@ def main() -> None:
         torch.set_num_threads(p.train.threads)
     V = args.vocab or (30522 if paper else 7917)
     peak, peak_src = peak_flops(device, args.peak)
-    result: dict = {"machine": machine(device), "device": device.type, "note": args.note,
+    result: dict = {"machine": machine(str(device)), "versions": versions(), "device": device.type, "note": args.note,
                     "load_average_at_start": os.getloadavg()[0]}
     if paper:
         cuda = device.type == "cuda"
@@ -222,13 +204,7 @@ def main() -> None:
 
 def _paper_params(base: str) -> Params:
     """params.yaml with params/lm1b.yaml merged in (the paper's model, optimiser and kernel settings)."""
-    import yaml
-
-    from pipeline.profile import deep_merge
-    from semdlm.config import parse_params
-
-    return parse_params(deep_merge(yaml.safe_load(Path(base).read_text()),
-                                   yaml.safe_load(Path("params/lm1b.yaml").read_text())))
+    return parse_params(deep_merge(read_yaml(base), read_yaml("params/lm1b.yaml")))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 import typer  # noqa: E402
 
-from pipeline.common import load_params, stage  # noqa: E402
+from pipeline.common import stage  # noqa: E402
+from semdlm.config import load_params  # noqa: E402
 
 app = typer.Typer(
     name="pipeline",

@@ -1,4 +1,4 @@
-"""Shared stage plumbing: params loading, devices, one-line errors with exit code 2, atomic writes, safe reads."""
+"""Shared stage plumbing: one-line errors with exit code 2, atomic writes, safe reads of upstream outs."""
 
 from __future__ import annotations
 
@@ -11,17 +11,11 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import pandas as pd
-import yaml
 
-from semdlm.config import ConfigError, Params, check_device, parse_params
-
-if TYPE_CHECKING:  # torch is imported where a device is resolved: `python -m pipeline --help` stays fast
-    import torch
-
-    from semdlm.kernels import Kernel
+from semdlm.config import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_BAD_INPUT = 2
@@ -43,61 +37,6 @@ def stage(fn: F) -> F:
             raise SystemExit(EXIT_BAD_INPUT) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def load_params(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
-    if not path.exists():
-        raise StageError(f"params file {path} not found; run from the repository root or pass --params")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise StageError(f"{path} is not valid YAML ({e.__class__.__name__}); fix the file") from None
-    return parse_params(raw)
-
-
-def resolve_device(value: str, key: str, index: int = 0) -> torch.device:
-    """The torch device of a device setting (``key`` names it in errors): ``auto`` = CUDA when torch sees one, else
-    the CPU; ``cuda`` and ``auto`` use CUDA device ``index`` (a rank's LOCAL_RANK), ``cuda:<n>`` device n."""
-    import torch
-
-    check_device(value, key)
-    if value == "auto":
-        value = "cuda" if torch.cuda.is_available() else "cpu"
-    if value == "cpu":
-        return torch.device("cpu")
-    device = torch.device(value) if ":" in value else torch.device("cuda", index)
-    if not torch.cuda.is_available():
-        raise StageError(f"{key}={value} but torch sees no CUDA device; use {key}=auto or cpu")
-    if device.index >= torch.cuda.device_count():
-        raise StageError(f"{key}={value} but torch sees {torch.cuda.device_count()} CUDA device(s); "
-                         f"use {key}=cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    return device
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The network's precision (``train.precision``): bf16 autocast on CUDA for "bf16", else float32 (the CPU)."""
-    import torch
-
-    if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def in_precision(model: Callable[..., torch.Tensor], device: torch.device,
-                 precision: str) -> Callable[..., torch.Tensor]:
-    """``model`` called under ``autocast(device, precision)``: the samplers' ``denoise`` in the training precision."""
-
-    def call(*args: torch.Tensor) -> torch.Tensor:
-        with autocast(device, precision):
-            return model(*args)
-
-    return call
-
-
-def on_device(kernel: Kernel, device: torch.device) -> Kernel:
-    """``kernel`` with its tables on ``device`` (kernels are built on the CPU: no copy there)."""
-    return kernel if device.type == "cpu" else kernel.to(device)
 
 
 def require(path: str | Path, stage_name: str) -> Path:
@@ -171,7 +110,7 @@ def atomic(path: str | Path) -> Iterator[Path]:
 LOCK = Path("constraints.txt")  # the lock of exact package versions (README command 1 installs from it)
 
 
-def provenance() -> dict[str, str]:
+def versions_in_use() -> dict[str, str]:
     """The versions of the packages in use (``semdlm.provenance.versions``) and the first 16 hex digits of the
     lock's sha256 ("none" outside a checkout that has one): recorded with every training run and MLflow run."""
     import hashlib

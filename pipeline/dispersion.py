@@ -13,17 +13,11 @@ import time
 
 import torch
 
-from pipeline.artifacts import (
-    DISPERSION,
-    Vocab,
-    load_denoiser,
-    load_kernel,
-    load_split,
-    load_unigram,
-    load_vocab,
-)
-from pipeline.common import StageError, autocast, on_device, resolve_device, write_json
+from pipeline.artifacts import DISPERSION, Vocab, load_split, load_vocab
+from pipeline.common import StageError, write_json
+from pipeline.loaders import load_denoiser, load_kernel, load_unigram
 from semdlm.config import Params
+from semdlm.devices import autocast, on_device, resolve_device
 from semdlm.dispersion import between_t_variance, dispersion, mean_posterior_entropy, midpoint_times
 from semdlm.kernels import Kernel
 from semdlm.loss import token_ce

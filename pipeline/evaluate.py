@@ -13,7 +13,6 @@ whole held-out split scored by the law (its PPL estimates exp(H)), H and the uni
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 
@@ -21,7 +20,6 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from pipeline import assets
 from pipeline import evaluator as ev
 from pipeline.artifacts import (
     REFERENCE,
@@ -35,6 +33,7 @@ from pipeline.artifacts import (
     samples_path,
 )
 from pipeline.common import StageError, read_json, read_parquet, require, write_json
+from pipeline.text import decode
 from semdlm.config import EvalConfig
 from semdlm.metrics import GenPPL, diversity, gen_ppl, gen_ppl_mdlm, mdlm_rows, retokenize
 from semdlm.synthetic import RowLaw, truth_scores
@@ -46,21 +45,6 @@ PROTOCOLS = {
     "windows": "[BOS] text [EOS] by the evaluator tokenizer, windows of the evaluator context overlapping by one "
                "token, token-weighted NLL",
 }
-
-
-@functools.cache
-def _bert_decoder():  # noqa: ANN202 - transformers type
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=assets.tokenizer())
-
-
-def decode(vocab: Vocab, rows: list[list[int]]) -> list[str]:
-    """Model ids -> text as MDLM / BD3-LM decode samples (transformers ``batch_decode`` of bert-base-uncased):
-    every special token stays as text ("[UNK]", "[CLS]", ...), nothing is deleted; the same for samples and
-    reference rows."""
-    return _bert_decoder().batch_decode([vocab.ids[r].tolist() for r in rows], skip_special_tokens=False,
-                                        clean_up_tokenization_spaces=True)
 
 
 def gen_ppl_of(e: ev.Evaluator, texts: list[str], max_length: int, cfg: EvalConfig, label: str) -> GenPPL:

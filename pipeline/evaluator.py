@@ -13,8 +13,9 @@ import torch
 
 from pipeline import assets
 from pipeline.artifacts import EVALUATOR
-from pipeline.common import StageError, atomic, require, resolve_device, write_json
+from pipeline.common import StageError, atomic, require, write_json
 from semdlm.config import EvalConfig
+from semdlm.devices import resolve_device
 
 
 def _load(name: str):  # noqa: ANN202 - transformers types

@@ -5,20 +5,12 @@ The merged file is validated before it replaces params.yaml, so a profile with a
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import yaml
 
 from pipeline.common import StageError, atomic
-from semdlm.config import parse_params
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in override.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+from semdlm.config import deep_merge, parse_params
 
 
 def run(profile: str | Path, params: str | Path = "params.yaml") -> dict:

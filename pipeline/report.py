@@ -15,9 +15,9 @@ import pandas as pd
 from pipeline import figures
 from pipeline.artifacts import DISPERSION, PRIOR_METRICS, load_vocab, samples_path
 from pipeline.common import StageError, atomic, read_json, read_parquet
-from pipeline.evaluate import PROTOCOLS, decode
 from pipeline.results import REFERENCE_ROWS, collect, headline, models
 from pipeline.tables import entropy_note, fmt, markdown_table, paper_note, table2, table3
+from pipeline.text import decode
 from semdlm.config import Params
 
 REPORTS = Path("reports")
@@ -41,7 +41,7 @@ def settings(params: Params, top: pd.Series) -> list[str]:
     return [
         "## Settings", "",
         f"- Evaluator `{top['evaluator']}` ({top['eval_dtype']}); gen PPL protocol `{top['protocol']}`: "
-        f"{PROTOCOLS[top['protocol']]} (eval.protocol; docs/evaluation.md).",
+        f"{top['protocol_detail']} (eval.protocol; docs/evaluation.md).",
         f"- Data packing `{params.data.packing}`: {PACKINGS[params.data.packing]} (data.packing).",
         f"- Sampler `{sa.name}`, sampling steps {steps} (paper: 128/256/512 on LM1B, 128/256/512/1,024 on OWT; the "
         f"embedded default uses fewer so that `dvc repro` stays within its time budget), {sa.num_samples} samples of "

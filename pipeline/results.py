@@ -12,7 +12,7 @@ from semdlm.config import Params
 
 REFERENCE_ROWS = {"heldout_text": "held-out text (floor)", "unigram_samples": "unigram samples (ceiling)"}
 # written next to every gen PPL, carried into results.csv
-PROVENANCE = ("evaluator", "eval_dtype", "protocol", "min_entropy_applies")
+PROVENANCE = ("evaluator", "eval_dtype", "protocol", "protocol_detail", "min_entropy_applies")
 EVAL_COLS = ("gen_ppl", "entropy", "distinct_1", "distinct_2", "distinct_3", "repeated_4gram", "below_min_entropy",
              "eval_tokens", "num_texts")
 

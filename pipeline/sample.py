@@ -14,18 +14,12 @@ import pandas as pd
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline.artifacts import (
-    load_denoiser,
-    load_graph,
-    load_kernel,
-    load_unigram,
-    load_vocab,
-    metrics_dir,
-    samples_path,
-)
-from pipeline.common import StageError, in_precision, on_device, resolve_device, write_json, write_parquet
-from pipeline.evaluate import decode
+from pipeline.artifacts import load_graph, load_vocab, metrics_dir, samples_path
+from pipeline.common import StageError, write_json, write_parquet
+from pipeline.loaders import load_denoiser, load_kernel, load_unigram
+from pipeline.text import decode
 from semdlm.config import Params, SamplerConfig
+from semdlm.devices import in_precision, on_device, resolve_device
 from semdlm.kernels import Kernel
 from semdlm.model import Denoiser
 from semdlm.penalties import penalty

@@ -6,14 +6,15 @@ their dropout from it. Runs with the same number of micro-batches (ranks x grad_
 the order of float sums, and a checkpoint (whose generator state is all the randomness there is) resumes on any number
 of ranks. The loss is read back from the device only at log, checkpoint and evaluation steps. Validation is spread
 over the ranks and runs on the device in float32, after the checkpoint of its step is written.
+
+Read top to bottom: ``run`` (threads, ranks) -> ``_train``: ``open_job`` (what the run reads), ``start`` (the model and
+``TrainState``, or the checkpoint's), ``loop`` (optimiser steps, loss checks, logs, checkpoints, periodic bounds),
+``validate`` (the final bound) and ``finish`` (model.pt, logs, train.json).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
-import json
 import math
 import os
 import subprocess
@@ -21,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
@@ -29,53 +30,25 @@ import pandas as pd
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from pipeline.artifacts import (
-    PRIOR_METRICS,
-    Vocab,
-    checkpoint_dir,
-    load_kernel,
-    load_unigram,
-    load_vocab,
-    mapped_rows,
-    metrics_dir,
-    model_path,
-)
-from pipeline.common import (
-    StageError,
-    atomic,
-    autocast,
-    load_params,
-    provenance,
-    read_json,
-    resolve_device,
-    write_json,
-)
-from semdlm.config import Params, TrainConfig
+from pipeline.artifacts import PRIOR_METRICS, Vocab, checkpoint_dir, load_vocab, mapped_rows, metrics_dir, model_path
+from pipeline.common import StageError, atomic, read_json, versions_in_use, write_json
+from pipeline.loaders import load_kernel, load_unigram
+from semdlm.config import KernelConfig, Params, TrainConfig, load_params
+from semdlm.devices import resolve_device
 from semdlm.kernels import Kernel
 from semdlm.likelihood import bound_name, token_prior_kl, validation_nelbo
 from semdlm.model import Denoiser
 from semdlm.training import (
-    EMA,
     Batch,
     ImpossibleTarget,
+    TrainState,
     draw_batch,
-    lr_factor,
-    make_optimizer,
-    normaliser,
-    train_step,
+    fingerprint,
+    init_output_bias,
+    optimizer_step,
+    sharded_mean,
+    validation_block,
 )
-
-EVAL_LOGITS = 2**27  # logits per validation block (1 GiB of float64): bounds the block at large L x V
-RUNTIME_FIELDS = ("devices", "grad_accum", "device", "precision", "compile", "threads", "deterministic")  # not in the
-# fingerprint: how a run is computed, not what (precision and device are recorded in train.json instead)
-
-
-def fingerprint(params: Params, kernel: str, vocab_size: int, seq_len: int) -> str:
-    """Identity of a training run: a checkpoint is only resumed by a run with the same fingerprint."""
-    train = {k: v for k, v in asdict(params.train).items() if k not in RUNTIME_FIELDS}
-    blob = {"model": asdict(params.model), "train": train, "kernel": kernel,
-            "kernel_cfg": asdict(params.kernels[kernel]), "vocab_size": vocab_size, "seq_len": seq_len}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -148,16 +121,17 @@ def launch(params_path: str, kernel: str) -> None:
 
 
 class Checkpoint:
-    """Full training state (model, EMA, optimiser, schedule, data generator, step, logs) in one weights-only file."""
+    """A run's ``TrainState`` and fingerprint in one weights-only file (checkpoints/<kernel>/state.pt)."""
 
-    def __init__(self, kernel: str) -> None:
-        self.path = checkpoint_dir(kernel) / "state.pt"
+    def __init__(self, kernel: str, fp: str) -> None:
+        self.path, self.fp = checkpoint_dir(kernel) / "state.pt", fp
 
     def save(self, state: dict) -> None:
         with atomic(self.path) as tmp:
-            torch.save(state, tmp)
+            torch.save({"fingerprint": self.fp, **state}, tmp)
 
-    def load(self, fp: str) -> dict | None:
+    def load(self) -> dict | None:
+        """The saved state of this run (None when there is none, or one of other params)."""
         if not self.path.exists():
             return None
         try:
@@ -166,10 +140,59 @@ class Checkpoint:
             raise StageError(
                 f"checkpoint {self.path} is corrupted ({e.__class__.__name__}); delete it to train from scratch"
             ) from None
-        if state.get("fingerprint") != fp:
+        if state.get("fingerprint") != self.fp:
             print(f"note: {self.path} was written with other params; training from scratch")
             return None
         return state
+
+
+@dataclass
+class Job:
+    """What one train@<kernel> run reads, fixed for its life: params, ranks, data, kernel and checkpoint file."""
+
+    params: Params
+    name: str
+    dist: Dist
+    vocab: Vocab
+    kernel: Kernel  # on the CPU: the corruption runs there
+    on_device: Kernel  # the loss and the bound run on the device
+    train: np.ndarray
+    valid: np.ndarray
+    unigram: torch.Tensor
+    unigram_ce: float  # the prior stage's validation cross-entropy of the unigram, beside the bound in train.json
+    ckpt: Checkpoint
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.params.train
+
+    @property
+    def kcfg(self) -> KernelConfig:
+        return self.params.kernels[self.name]
+
+    @property
+    def latent(self) -> bool:
+        """The model sees each token's latent state."""
+        return self.params.model.latent_state
+
+    @property
+    def seq_len(self) -> int:
+        return self.train.shape[1]
+
+    @functools.cached_property
+    def prior(self) -> torch.Tensor:
+        """The bound's prior term, on the device: computed once per run, at the first evaluation."""
+        return token_prior_kl(self.on_device, self.unigram.to(self.dist.device), self.latent)
+
+
+def open_job(params: Params, kernel_name: str, dist: Dist) -> Job:
+    vocab = load_vocab()
+    kernel = load_kernel(kernel_name, params, vocab)
+    train, valid = shared_rows("train", dist), shared_rows("valid", dist)
+    unigram_ce = read_json(PRIOR_METRICS, "prior")["unigram_valid_ce"]
+    fp = fingerprint(params, kernel_name, vocab.size, train.shape[1])
+    return Job(params, kernel_name, dist, vocab, kernel, kernel.to(dist.device), train, valid, load_unigram(vocab),
+               unigram_ce, Checkpoint(kernel_name, fp))
 
 
 def run(params: Params, kernel_name: str) -> None:
@@ -189,209 +212,192 @@ def run(params: Params, kernel_name: str) -> None:
 
 
 def _train(params: Params, kernel_name: str, dist: Dist) -> None:
-    cfg = params.train
-    vocab = load_vocab()
-    kernel = load_kernel(kernel_name, params, vocab)
-    on_device = kernel.to(dist.device)  # corruption runs on the CPU; the loss and the bound on the device
-    kcfg = params.kernels[kernel_name]
-    train, valid = shared_rows("train", dist), shared_rows("valid", dist)
-    seq_len = train.shape[1]
-    unigram_ce = read_json(PRIOR_METRICS, "prior")["unigram_valid_ce"]
-    pieces = dist.world * cfg.grad_accum  # micro-batches of the global batch; this rank computes `mine`
-    micro = cfg.batch_size // pieces
-    mine = range(dist.rank * cfg.grad_accum, (dist.rank + 1) * cfg.grad_accum)
-
-    torch.manual_seed(cfg.seed)
-    model = Denoiser(vocab.size, seq_len, params.model, kernel.mask_id,
-                     kernel.num_states if params.model.latent_state else 0)
-    unigram = load_unigram(vocab)
-    with torch.no_grad():  # start at the unigram predictor: every step is spent on learning from context
-        model.bias.copy_(unigram.clamp_min(1e-12).log().float())
-    model.to(dist.device)
-    opt = make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    ema = EMA(model, cfg.ema)
-    fp = fingerprint(params, kernel_name, vocab.size, seq_len)
-    ckpt = Checkpoint(kernel_name)
-    step, train_log, val_log, train_seconds = 0, [], [], 0.0
-    window_loss, window_tokens, window_time = 0.0, 0, 0.0  # the log window in progress (part of the state)
-    if (state := ckpt.load(fp)) is not None:
-        model.load_state_dict(state["model"])
-        if cfg.ema:
-            ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        step, train_log, val_log = state["step"], state["train_log"], state["val_log"]
-        train_seconds = state["train_seconds"]
-        window_loss, window_tokens, window_time = state["window"]
-        if dist.main:
-            print(f"resuming {kernel_name} from step {step} ({ckpt.path})")
+    job = open_job(params, kernel_name, dist)
+    state = start(job)
     ddp = None
     if dist.world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None, broadcast_buffers=False)
-    net: Callable[..., torch.Tensor] = ddp or model
-    if cfg.compile:
+            state.model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+            broadcast_buffers=False)
+    net: Callable[..., torch.Tensor] = ddp or state.model
+    if job.cfg.compile:
         net = torch.compile(net)
-    eval_bs = min(cfg.batch_size, max(1, EVAL_LOGITS // (seq_len * vocab.size)))  # the same for any rank count
-
-    @functools.cache
-    def prior() -> torch.Tensor:  # once per run, at the first evaluation, on the device
-        return token_prior_kl(on_device, unigram.to(dist.device), params.model.latent_state)
-
-    def denoise(xt: torch.Tensor, t: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
-        """EMA logits in float32 on the device (no autocast, whatever the training precision), where the bound's
-        tensors are; the latent state goes along when the model sees it."""
-        return ema.model(xt.to(dist.device), t.to(dist.device), None if state is None else state.to(dist.device))
-
-    def evaluate(sequences: int, repeats: int) -> float:
-        """Bound over the first ``sequences`` validation sequences: blocks of eval_bs, block k scored by rank
-        k mod world with its own seed, the per-block sums all-reduced (the same value for any rank count)."""
-        n = min(sequences, len(valid))
-        starts = range(0, n, eval_bs)
-        sums = torch.zeros(len(starts), dtype=torch.float64, device=dist.device)
-        was_training = ema.model.training
-        ema.model.eval()
-        with torch.no_grad():
-            for k in range(dist.rank, len(starts), dist.world):
-                x0 = torch.from_numpy(valid[starts[k] : min(starts[k] + eval_bs, n)].astype(np.int64))
-                mean = validation_nelbo(denoise, on_device, x0.to(dist.device), eval_bs, 1, cfg.seed + k,
-                                        cfg.bound_steps, prior(), repeats, params.model.latent_state)
-                sums[k] = mean * len(x0)
-        ema.model.train(was_training)
-        if dist.world > 1:
-            torch.distributed.all_reduce(sums)
-        return float(sums.sum()) / n
-
-    def periodic_evaluation() -> None:
-        val_log.append({"step": step, "val_nelbo": evaluate(cfg.eval_batches * cfg.batch_size, 1)})
-
-    def drawn(pending: Future[Batch] | None) -> Batch:
-        try:
-            return pending.result() if pending else draw(gen)
-        except ImpossibleTarget as e:
-            raise StageError(
-                f"train sequence {e.row} has token id {e.token} ({vocab.tokens[e.token]}) as a clean token, whose "
-                "logit is -inf, so the loss would be infinite: the corpus spells a special token; rebuild the tokens "
-                "so that such text is encoded as text (`dvc repro tokenize`)"
-            ) from None
-
-    draw = functools.partial(draw_batch, train, kernel, cfg, kcfg, pieces=pieces, mine=mine, never=model.mask_id)
-    model.train()
-    if 0 < step < cfg.steps and step % cfg.eval_every == 0 and all(r["step"] != step for r in val_log):
-        periodic_evaluation()  # the run stopped between this step's checkpoint and its evaluation
-    last_good, last_loss = step, float("nan")
-    losses: list[torch.Tensor] = []  # this rank's loss of each step since the last check, on the device
-    columns = (TextColumn(f"train@{kernel_name}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn())
-    # on a GPU or over several ranks, draw and corrupt the next batch in a background thread while this step
-    # computes (the generator is used in the same order: same results)
-    prefetch = dist.device.type == "cuda" or dist.world > 1
-    pending: Future[Batch] | None = None
-    with Progress(*columns, disable=not dist.main) as bar, ThreadPoolExecutor(1) as pool:
-        task = bar.add_task("train", total=cfg.steps, completed=step, loss=float("nan"))
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            batch = drawn(pending)
-            gen_state = gen.get_state()  # after this step's draws: what a resumed run continues from
-            pending = pool.submit(draw, gen) if prefetch and step + 1 < cfg.steps else None
-            batch = batch.to(dist.device)
-            if dist.world > 1:
-                torch.distributed.all_reduce(batch.counts)  # Eq. 120's normaliser is the global batch's
-            norm = normaliser(batch.counts, kcfg)
-            opt.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=dist.device)
-            for j in range(cfg.grad_accum):
-                defer = ddp is not None and j < cfg.grad_accum - 1  # all-reduce once, after the last micro-batch
-                with (ddp.no_sync() if defer else contextlib.nullcontext()), autocast(dist.device, cfg.precision):
-                    loss = train_step(net, on_device, batch, slice(j * micro, (j + 1) * micro), kcfg, norm,
-                                      params.model.latent_state, batch.seeds[j])
-                loss_sum += loss.detach()
-                (loss * dist.world if dist.world > 1 else loss).backward()  # DDP averages over ranks
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            ema.update(model)
-            losses.append(loss_sum)
-            step += 1
-            persist = step % cfg.ckpt_every == 0 or step == cfg.steps or step % cfg.eval_every == 0
-            if persist or step % cfg.log_every == 0:  # read the losses back: check them before they are kept
-                values = torch.stack(losses)
-                if dist.world > 1:
-                    torch.distributed.all_reduce(values)
-                for i, v in enumerate(values.tolist()):
-                    if not math.isfinite(v):
-                        raise StageError(
-                            f"train loss is {v} at step {step - len(losses) + i + 1} of train@{kernel_name}; stopped, "
-                            f"the last good checkpoint (step {last_good}) is kept in {ckpt.path}; lower train.lr or "
-                            "raise train.warmup_steps")
-                    window_loss += v
-                losses, last_loss = [], v
-            dt = time.perf_counter() - t0
-            train_seconds += dt
-            window_tokens += cfg.batch_size * seq_len
-            window_time += dt
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                n = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
-                train_log.append({"step": step, "loss": window_loss / n, "lr": sched.get_last_lr()[0],
-                                  "tokens_per_s": window_tokens / window_time})
-                window_loss, window_tokens, window_time = 0.0, 0, 0.0
-            if persist:
-                if dist.main:  # written before this step's evaluation: a resume re-runs only the evaluation
-                    ckpt.save({"fingerprint": fp, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "generator": gen_state, "step": step,
-                               "train_log": train_log, "val_log": val_log, "train_seconds": train_seconds,
-                               "window": (window_loss, window_tokens, window_time),
-                               **({"ema": ema.state_dict()} if cfg.ema else {})})
-                last_good = step
-                if step % cfg.eval_every == 0 and step < cfg.steps:
-                    periodic_evaluation()
-            bar.update(task, completed=step, loss=last_loss)
-    val_nelbo = evaluate(cfg.val_sequences, cfg.val_repeats)
+    loop(job, state, net, ddp)
+    val_nelbo = validate(job, state.ema.model, job.cfg.val_sequences, job.cfg.val_repeats)
     if dist.main:
-        _finish(params, kernel_name, vocab, kernel, ema.model, step, train_log, val_log, val_nelbo, train_seconds,
-                fp, unigram_ce, seq_len, dist)
+        finish(job, state, val_nelbo)
     dist.barrier()
 
 
-def _finish(params: Params, kernel_name: str, vocab: Vocab, kernel: Kernel, model: Denoiser, step: int,
-            train_log: list[dict], val_log: list[dict], val_nelbo: float, train_seconds: float, fp: str,
-            unigram_ce: float, seq_len: int, dist: Dist) -> None:
-    """model.pt (the EMA weights when train.ema > 0), logs and train.json with the final bound (rank 0)."""
-    cfg = params.train
-    val_log.append({"step": step, "val_nelbo": val_nelbo})
-    with atomic(model_path(kernel_name)) as tmp:
-        meta = {"vocab_size": vocab.size, "seq_len": seq_len, "model": asdict(params.model),
-                "mask_id": kernel.mask_id, "num_states": model.num_states, "kernel": kernel_name, "steps": step,
-                "fingerprint": fp, "ema": cfg.ema}
-        torch.save({"meta": meta, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, tmp)
-    out = metrics_dir(kernel_name)
+def start(job: Job) -> TrainState:
+    """Step 0 (the model built from its seed and started at the unigram predictor), or the checkpoint of this run."""
+    torch.manual_seed(job.cfg.seed)
+    model = Denoiser.for_kernel(job.params.model, job.kernel, job.seq_len, job.latent)
+    init_output_bias(model, job.unigram)
+    state = TrainState.new(model.to(job.dist.device), job.cfg)
+    if (saved := job.ckpt.load()) is not None:
+        state.load_state_dict(saved)
+        if job.dist.main:
+            print(f"resuming {job.name} from step {state.step} ({job.ckpt.path})")
+    return state
+
+
+class Batches:
+    """This rank's batch of each step, drawn and corrupted on the CPU from the run's generator in step order. With a
+    pool (on a GPU or over several ranks) the next step's batch is drawn in a background thread while this step
+    computes: the generator is used in the same order, so the batches are the same. ``resume`` is the generator's
+    state after the draws of the batch last handed out: what a resumed run continues from."""
+
+    def __init__(self, job: Job, gen: torch.Generator, pool: ThreadPoolExecutor | None) -> None:
+        cfg, dist = job.cfg, job.dist
+        mine = range(dist.rank * cfg.grad_accum, (dist.rank + 1) * cfg.grad_accum)  # of the global batch's pieces
+        self.draw = functools.partial(draw_batch, job.train, job.kernel, cfg, job.kcfg, pieces=dist.world *
+                                      cfg.grad_accum, mine=mine, never=job.kernel.mask_id)
+        self.gen, self.pool, self.vocab = gen, pool, job.vocab
+        self.pending: Future[Batch] | None = None
+        self.resume = gen.get_state()
+
+    def next(self, more: bool) -> Batch:
+        """The next batch; ``more``: another one follows it (draw it ahead)."""
+        try:
+            batch = self.pending.result() if self.pending else self.draw(self.gen)
+        except ImpossibleTarget as e:
+            raise StageError(
+                f"train sequence {e.row} has token id {e.token} ({self.vocab.tokens[e.token]}) as a clean token, whose "
+                "logit is -inf, so the loss would be infinite: the corpus spells a special token; rebuild the tokens "
+                "so that such text is encoded as text (`dvc repro tokenize`)"
+            ) from None
+        self.resume = self.gen.get_state()
+        self.pending = self.pool.submit(self.draw, self.gen) if self.pool and more else None
+        return batch
+
+
+def loop(job: Job, state: TrainState, net: Callable[..., torch.Tensor],
+         ddp: torch.nn.parallel.DistributedDataParallel | None) -> None:
+    """Steps from ``state.step`` to train.steps. The losses are read back (and checked) at log, checkpoint and
+    evaluation steps; the checkpoint of a step is written before its evaluation."""
+    cfg, dist = job.cfg, job.dist
+    state.model.train()
+    if 0 < state.step < cfg.steps and state.step % cfg.eval_every == 0 and all(
+            r["step"] != state.step for r in state.val_log):
+        periodic_evaluation(job, state)  # the run stopped between this step's checkpoint and its evaluation
+    last_good, last_loss = state.step, float("nan")
+    losses: list[torch.Tensor] = []  # this rank's loss of each step since the last check, on the device
+    columns = (TextColumn(f"train@{job.name}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn())
+    prefetch = dist.device.type == "cuda" or dist.world > 1
+    with Progress(*columns, disable=not dist.main) as bar, ThreadPoolExecutor(1) as pool:
+        task = bar.add_task("train", total=cfg.steps, completed=state.step, loss=float("nan"))
+        batches = Batches(job, state.gen, pool if prefetch else None)
+        while state.step < cfg.steps:
+            t0 = time.perf_counter()
+            batch = batches.next(more=state.step + 1 < cfg.steps).to(dist.device)
+            losses.append(optimizer_step(state, net, job.on_device, batch, cfg, job.kcfg, job.latent, ddp))
+            persist = state.step % cfg.ckpt_every == 0 or state.step == cfg.steps or state.step % cfg.eval_every == 0
+            if persist or state.step % cfg.log_every == 0:
+                last_loss = check_losses(job, state, losses, last_good)
+                losses = []
+            log_step(state, cfg, job.seq_len, time.perf_counter() - t0)
+            if persist:
+                if dist.main:  # written before this step's evaluation: a resume re-runs only the evaluation
+                    job.ckpt.save(state.state_dict(batches.resume))
+                last_good = state.step
+                if state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+                    periodic_evaluation(job, state)
+            bar.update(task, completed=state.step, loss=last_loss)
+
+
+def check_losses(job: Job, state: TrainState, losses: list[torch.Tensor], last_good: int) -> float:
+    """Read the losses of the steps since the last check back from the device (summed over the ranks), stop at a
+    non-finite one, add them to the log window; returns the last."""
+    values = torch.stack(losses)
+    if job.dist.world > 1:
+        torch.distributed.all_reduce(values)
+    total, tokens, seconds = state.window
+    for i, v in enumerate(values.tolist()):
+        if not math.isfinite(v):
+            raise StageError(
+                f"train loss is {v} at step {state.step - len(losses) + i + 1} of train@{job.name}; stopped, the "
+                f"last good checkpoint (step {last_good}) is kept in {job.ckpt.path}; lower train.lr or raise "
+                "train.warmup_steps")
+        total += v
+    state.window = (total, tokens, seconds)
+    return v
+
+
+def log_step(state: TrainState, cfg: TrainConfig, seq_len: int, seconds: float) -> None:
+    """Count a step's wall time and tokens; at a log step (and the last) close the log window into train_log."""
+    total, tokens, window_s = state.window
+    state.train_seconds += seconds
+    tokens, window_s = tokens + cfg.batch_size * seq_len, window_s + seconds
+    if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+        n = cfg.log_every if state.step % cfg.log_every == 0 else state.step % cfg.log_every
+        state.train_log.append({"step": state.step, "loss": total / n, "lr": state.scheduler.get_last_lr()[0],
+                                "tokens_per_s": tokens / window_s})
+        total, tokens, window_s = 0.0, 0, 0.0
+    state.window = (total, tokens, window_s)
+
+
+def periodic_evaluation(job: Job, state: TrainState) -> None:
+    sequences = job.cfg.eval_batches * job.cfg.batch_size
+    state.val_log.append({"step": state.step, "val_nelbo": validate(job, state.ema.model, sequences, 1)})
+
+
+def validate(job: Job, model: Denoiser, sequences: int, repeats: int) -> float:
+    """The bound of ``model`` (the EMA weights) over the first ``sequences`` validation sequences, each scored
+    ``repeats`` times: on the device in float32 (no autocast, whatever the training precision), its blocks spread
+    over the ranks, block k with seed train.seed + k."""
+    cfg, device = job.cfg, job.dist.device
+    block = validation_block(cfg.batch_size, job.seq_len, job.vocab.size)
+
+    def denoise(xt: torch.Tensor, t: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        return model(xt.to(device), t.to(device), None if state is None else state.to(device))
+
+    def score(k: int, rows: slice) -> float:
+        x0 = torch.from_numpy(job.valid[rows].astype(np.int64)).to(device)
+        return validation_nelbo(denoise, job.on_device, x0, block, 1, cfg.seed + k, cfg.bound_steps, job.prior,
+                                repeats, job.latent)
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        value = sharded_mean(score, min(sequences, len(job.valid)), block, job.dist.rank, job.dist.world, device)
+    model.train(was_training)
+    return value
+
+
+def finish(job: Job, state: TrainState, val_nelbo: float) -> None:
+    """model.pt (the EMA weights when train.ema > 0), the logs and train.json with the final bound (rank 0)."""
+    cfg, model = job.cfg, state.ema.model
+    state.val_log.append({"step": state.step, "val_nelbo": val_nelbo})
+    with atomic(model_path(job.name)) as tmp:
+        model.save(tmp, kernel=job.name, steps=state.step, fingerprint=job.ckpt.fp, ema=cfg.ema)
+    out = metrics_dir(job.name)
     out.mkdir(parents=True, exist_ok=True)
-    with atomic(out / "train_log.tsv") as tmp:
-        pd.DataFrame(train_log).to_csv(tmp, sep="\t", index=False)
-    with atomic(out / "val_log.tsv") as tmp:
-        pd.DataFrame(val_log).to_csv(tmp, sep="\t", index=False)
-    tail = train_log[-max(1, len(train_log) // 10):]
+    for name, log in (("train_log.tsv", state.train_log), ("val_log.tsv", state.val_log)):
+        with atomic(out / name) as tmp:
+            pd.DataFrame(log).to_csv(tmp, sep="\t", index=False)
+    tail = state.train_log[-max(1, len(state.train_log) // 10):]
+    tokens = state.step * cfg.batch_size * job.seq_len
+    cuda = job.dist.device.type == "cuda"
     write_json(out / "train.json", {
-        "kernel": kernel_name,
-        "steps": step,
+        "kernel": job.name,
+        "steps": state.step,
         "parameters": model.num_parameters(),
         "train_loss": sum(r["loss"] for r in tail) / len(tail),
         "val_nelbo": val_nelbo,
         "val_ppl": math.exp(val_nelbo),
-        "unigram_valid_ce": unigram_ce,
-        "val_nelbo_minus_unigram": val_nelbo - unigram_ce,
-        "tokens_per_s": step * cfg.batch_size * seq_len / train_seconds,
-        "train_tokens": step * cfg.batch_size * seq_len,
-        "train_seconds": train_seconds,
-        "bound": bound_name(params.model.latent_state),
-        "model": "latent-state" if params.model.latent_state else "paper",
-        "precision": "bf16 autocast" if dist.device.type == "cuda" and cfg.precision == "bf16" else "float32",
+        "unigram_valid_ce": job.unigram_ce,
+        "val_nelbo_minus_unigram": val_nelbo - job.unigram_ce,
+        "tokens_per_s": tokens / state.train_seconds,
+        "train_tokens": tokens,
+        "train_seconds": state.train_seconds,
+        "bound": bound_name(job.latent),
+        "model": "latent-state" if job.latent else "paper",
+        "precision": "bf16 autocast" if cuda and cfg.precision == "bf16" else "float32",
         "validation_precision": "float32",  # the network's, whatever the training precision
-        "device": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
-        "ranks": dist.world,
+        "device": torch.cuda.get_device_name(job.dist.device) if cuda else "cpu",
+        "ranks": job.dist.world,
         "deterministic": cfg.deterministic,
-        "versions": provenance(),
+        "versions": versions_in_use(),
     })

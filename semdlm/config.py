@@ -1,16 +1,20 @@
-"""Frozen dataclass configs, one per params.yaml section, validated on construction.
+"""Frozen dataclass configs, one per params.yaml section, validated on construction; params files read and merged.
 
 A bad value raises ``ConfigError`` with a one-line message naming the key, the value and the fix.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
+
+import yaml
 
 KERNEL_NAMES = ("mask", "uniform", "knn", "semdlm_plus")
 SAMPLER_NAMES = ("ancestral", "tau_leaping", "blockwise")
@@ -392,3 +396,27 @@ def parse_params(raw: dict[str, Any]) -> Params:
         eval=section(EvalConfig, raw.get("eval"), "eval"),
         dispersion=section(DispersionConfig, raw.get("dispersion"), "dispersion"),
     )
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A params file (params.yaml or a profile) as a mapping ({} for an empty file)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file {path} not found; run from the repository root or pass --params")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML ({e.__class__.__name__}); fix the file") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """A params file parsed and validated (a partial file, such as a profile, takes defaults for the rest)."""
+    return parse_params(read_yaml(path))
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in, mapping by mapping (a copy: neither argument changes)."""
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -3,6 +3,10 @@
 Rotary position embeddings, adaLN time conditioning (shift / scale / gate per block, zero-initialised so
 every block starts as the identity), weight-tied output head, ``scaled_dot_product_attention``.
 
+``Denoiser.for_kernel`` builds the network of a kernel from the ``model`` section; ``save`` writes it as
+``model.pt`` (its architecture and any run information under "meta", the CPU weights under "state_dict") and
+``Denoiser.load`` reads that file back without unpickling code.
+
 The latent-state model (``num_states > 0``) also embeds each token's latent state (``semdlm.kernels``: clean,
 global jump, neighbour slot). The kernel restricts the output to the x_0 consistent with what the model sees
 (``Kernel.constrain``: carry-over of known-clean positions, MDLM's SUBS, and the neighbour-slot preimage).
@@ -11,12 +15,18 @@ global jump, neighbour slot). The kernel restricts the output to the x_0 consist
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from semdlm.config import ModelConfig
+
+if TYPE_CHECKING:
+    from semdlm.kernels import Kernel
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float = 10_000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +107,31 @@ class Denoiser(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         if self.state_embed is not None:
             nn.init.normal_(self.state_embed.weight, std=0.02)
+
+    @classmethod
+    def for_kernel(cls, cfg: ModelConfig, kernel: Kernel, seq_len: int, latent: bool) -> Denoiser:
+        """The denoiser of ``kernel``'s vocabulary (its [MASK] never predicted when it is absorbing); ``latent``:
+        it also sees each token's latent state (an embedding per state of the kernel). Initialised from torch's
+        global generator."""
+        return cls(kernel.vocab_size, seq_len, cfg, kernel.mask_id, kernel.num_states if latent else 0)
+
+    def save(self, path: str | Path, **meta: Any) -> None:
+        """Write ``path`` (model.pt): the architecture and ``meta`` (what the run wants to record) under "meta", the
+        weights, on the CPU, under "state_dict"."""
+        arch = {"vocab_size": self.vocab_size, "seq_len": self.seq_len, "model": asdict(self.cfg),
+                "mask_id": self.mask_id, "num_states": self.num_states}
+        torch.save({"meta": {**arch, **meta}, "state_dict": {k: v.cpu() for k, v in self.state_dict().items()}},
+                   path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Denoiser:
+        """The model that ``save`` wrote to ``path``, on the CPU in eval mode (a weights-only load: no code runs)."""
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        meta = blob["meta"]
+        model = cls(meta["vocab_size"], meta["seq_len"], ModelConfig(**meta["model"]), meta["mask_id"],
+                    meta.get("num_states", 0))
+        model.load_state_dict(blob["state_dict"])
+        return model.eval()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

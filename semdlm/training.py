@@ -1,5 +1,7 @@
-"""One optimiser step's math: the global batch (drawn, corrupted), the Eq. 120 loss of a shard of it, AdamW and its
-learning-rate schedule, and the EMA of the weights. ``pipeline/train.py`` adds devices, ranks, checkpoints and logs.
+"""The training step: the global batch (drawn, corrupted), the Eq. 120 loss of a shard of it, one optimiser step
+(``optimizer_step``: accumulation, clipping, AdamW and its learning-rate schedule, the EMA of the weights), the state a
+run resumes from (``TrainState``, its ``fingerprint``) and the validation bound spread over ranks (``sharded_mean``).
+``pipeline/train.py`` adds devices, ranks, checkpoint files and logs; the benchmarks time this same step.
 
 Randomness. A step's draws come from one generator ``gen`` that every rank holds in the same state: the rows of
 the global batch, their times t, and two seeds per micro-batch (the global batch is cut into ``pieces`` micro-batches
@@ -11,20 +13,46 @@ rank corrupts only its own rows, and a resume needs only ``gen``'s state.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
+import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from semdlm.config import KernelConfig, TrainConfig
+from semdlm.config import KernelConfig, Params, TrainConfig
+from semdlm.devices import autocast
 from semdlm.kernels import Kernel
 from semdlm.loss import change_aware_loss, stratified_times, time_weight, token_ce
 
+if TYPE_CHECKING:
+    from semdlm.model import Denoiser
+
 SEED_MAX = 2**62  # seeds drawn for corruption and dropout lie in [0, SEED_MAX)
+EVAL_LOGITS = 2**27  # logits per validation block (1 GiB of float64): bounds the block at large L x V
+RUNTIME_FIELDS = ("devices", "grad_accum", "device", "precision", "compile", "threads", "deterministic")  # not in the
+# fingerprint: how a run is computed, not what (precision and device are recorded in train.json instead)
+
+
+def fingerprint(params: Params, kernel: str, vocab_size: int, seq_len: int) -> str:
+    """Identity of a training run: a checkpoint is only resumed by a run with the same fingerprint."""
+    train = {k: v for k, v in asdict(params.train).items() if k not in RUNTIME_FIELDS}
+    blob = {"model": asdict(params.model), "train": train, "kernel": kernel,
+            "kernel_cfg": asdict(params.kernels[kernel]), "vocab_size": vocab_size, "seq_len": seq_len}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def init_output_bias(model: Denoiser, unigram: torch.Tensor) -> None:
+    """Start at the unigram predictor (output bias = log m, m clamped at 1e-12): every step is spent on learning
+    from context."""
+    with torch.no_grad():
+        model.bias.copy_(unigram.clamp_min(1e-12).log().float())
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -172,3 +200,101 @@ def train_step(model: Callable[..., torch.Tensor], kernel: Kernel, batch: Batch,
     state = state if latent else None
     ce = token_ce(model(xt, batch.t[rows].float(), state), x0, kernel, xt, state)
     return change_aware_loss(ce, x0, xt, batch.omega[rows], kcfg.lambda_chg, kcfg.lambda_same, norm)
+
+
+@dataclass
+class TrainState:
+    """Everything a run resumes from: model, optimiser, schedule, EMA, the generator of the batches, the step, the
+    logs and the log window in progress (loss sum, tokens, seconds). ``state_dict`` is the checkpoint."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: EMA
+    gen: torch.Generator
+    step: int = 0
+    train_log: list[dict] = field(default_factory=list)
+    val_log: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0
+    window: tuple[float, int, float] = (0.0, 0, 0.0)
+
+    VALUES = ("step", "train_log", "val_log", "train_seconds", "window")  # saved as they are
+
+    @classmethod
+    def new(cls, model: nn.Module, cfg: TrainConfig) -> TrainState:
+        """Step 0 of ``model`` (already on its device): AdamW, the warm-up + cosine schedule, the EMA and the
+        generator seeded with ``cfg.seed``."""
+        opt = make_optimizer(model, cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+        return cls(model, opt, sched, EMA(model, cfg.ema), torch.Generator().manual_seed(cfg.seed))
+
+    def _stateful(self) -> dict[str, Any]:
+        """The members saved by their own ``state_dict`` (the EMA only when it is on)."""
+        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                **({"ema": self.ema} if self.ema.decay else {})}
+
+    def state_dict(self, generator: torch.Tensor | None = None) -> dict[str, Any]:
+        """The checkpoint. ``generator``: the generator state to resume from, when the run has already drawn ahead
+        of ``step`` (default: ``gen``'s own)."""
+        return {**{k: m.state_dict() for k, m in self._stateful().items()},
+                **{k: getattr(self, k) for k in self.VALUES},
+                "generator": self.gen.get_state() if generator is None else generator}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, m in self._stateful().items():
+            m.load_state_dict(state[k])
+        for k in self.VALUES:
+            setattr(self, k, state[k])
+        self.gen.set_state(state["generator"])
+
+
+def optimizer_step(state: TrainState, net: Callable[..., torch.Tensor], kernel: Kernel, batch: Batch,
+                   cfg: TrainConfig, kcfg: KernelConfig, latent: bool,
+                   ddp: torch.nn.parallel.DistributedDataParallel | None = None) -> torch.Tensor:
+    """One optimiser step on ``batch`` (this rank's ``cfg.grad_accum`` micro-batches of a ``draw_batch``, on the
+    device of ``kernel``): each micro-batch's Eq. 120 loss in ``cfg.precision`` (dropout seeded by its seed), the
+    gradients accumulated (under ``ddp``, all-reduced once, after the last), clipped to ``cfg.grad_clip``; then
+    AdamW, the schedule and the EMA advance and ``state.step`` counts one more. ``net`` computes the logits:
+    ``state.model`` or a (DDP, compiled) wrapper of it; ``latent``: it sees the latent state. Returns this rank's
+    loss of the step, on the device (no host sync)."""
+    world = torch.distributed.get_world_size() if ddp is not None else 1
+    if world > 1:
+        torch.distributed.all_reduce(batch.counts)  # Eq. 120's normaliser is the global batch's
+    norm = normaliser(batch.counts, kcfg)
+    micro = len(batch.x0) // cfg.grad_accum
+    state.optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=batch.xt.device)
+    for j in range(cfg.grad_accum):
+        defer = ddp is not None and j < cfg.grad_accum - 1  # all-reduce once, after the last micro-batch
+        with (ddp.no_sync() if defer else contextlib.nullcontext()), autocast(batch.xt.device, cfg.precision):
+            loss = train_step(net, kernel, batch, slice(j * micro, (j + 1) * micro), kcfg, norm, latent,
+                              batch.seeds[j])
+        total += loss.detach()
+        (loss * world if world > 1 else loss).backward()  # DDP averages over ranks
+    torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.ema.update(state.model)
+    state.step += 1
+    return total
+
+
+def validation_block(batch_size: int, seq_len: int, vocab_size: int) -> int:
+    """Sequences per validation block: the training batch, fewer when its logits would exceed ``EVAL_LOGITS``
+    (the same for any rank count)."""
+    return min(batch_size, max(1, EVAL_LOGITS // (seq_len * vocab_size)))
+
+
+def sharded_mean(score: Callable[[int, slice], float], n: int, block: int, rank: int = 0, world: int = 1,
+                 device: torch.device | None = None) -> float:
+    """Mean of a per-sequence value over ``n`` sequences in blocks of ``block``: block k (``rows``) is scored by
+    rank k mod ``world`` as ``score(k, rows)`` (the block's mean; seed it with k), the per-block sums are
+    all-reduced (on ``device``), so the value is the same for any number of ranks."""
+    starts = range(0, n, block)
+    sums = torch.zeros(len(starts), dtype=torch.float64, device=device)
+    for k in range(rank, len(starts), world):
+        rows = slice(starts[k], min(starts[k] + block, n))
+        sums[k] = score(k, rows) * (rows.stop - rows.start)
+    if world > 1:
+        torch.distributed.all_reduce(sums)
+    return float(sums.sum()) / n

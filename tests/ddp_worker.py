@@ -12,7 +12,7 @@ def train_rank(rank: int, world: int, port: int, kernel: str, keep: str) -> None
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import pipeline.train as train_mod
-    from pipeline.common import load_params
+    from semdlm.config import load_params
 
     save = train_mod.Checkpoint.save
 

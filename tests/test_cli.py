@@ -82,14 +82,14 @@ def test_every_stage_command_has_help(cmd):
 def test_training_killed_inside_a_log_window_resumes_to_the_same_parameters_and_logs(workspace, monkeypatch):
     """6 steps in one go vs. killed during step 5 (checkpoint at 3, inside the 2-step log window) + a second run:
     identical weights, loss log and validation log (checkpointing does not change what is trained)."""
-    import pipeline.train as train_mod
+    import semdlm.training as training
 
     full = torch.load("models/mask/model.pt", weights_only=True)["state_dict"]
     logs = {name: Path(f"metrics/mask/{name}").read_text() for name in ("train_log.tsv", "val_log.tsv")}
     shutil.rmtree("checkpoints")
     shutil.rmtree("models")
     edit_params(workspace, "train", ckpt_every=3)
-    real, calls = train_mod.train_step, []
+    real, calls = training.train_step, []
 
     def killed_at_5(*args, **kwargs):
         calls.append(1)
@@ -97,10 +97,10 @@ def test_training_killed_inside_a_log_window_resumes_to_the_same_parameters_and_
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train_step", killed_at_5)
+    monkeypatch.setattr(training, "train_step", killed_at_5)
     assert invoke("train", "--kernel", "mask").exit_code != 0
     assert not Path("models/mask/model.pt").exists()
-    monkeypatch.setattr(train_mod, "train_step", real)
+    monkeypatch.setattr(training, "train_step", real)
     res = invoke("train", "--kernel", "mask")
     assert res.exit_code == 0 and "resuming mask from step 3" in res.output, res.output
     resumed = torch.load("models/mask/model.pt", weights_only=True)["state_dict"]
@@ -115,8 +115,8 @@ def test_training_killed_inside_a_log_window_resumes_to_the_same_parameters_and_
 def test_tokenize_reads_a_local_datasets_directory(tmp_path, evaluator_dir):
     import datasets
 
-    from pipeline.common import load_params
     from pipeline.tokenize import read_corpus
+    from semdlm.config import load_params
 
     texts = [f"document number {i} talks about markets and football." for i in range(6)]
     datasets.Dataset.from_dict({"body": texts}).save_to_disk(str(tmp_path / "ds"))
@@ -161,17 +161,17 @@ def fresh_training(ws: Path) -> None:
 
 
 def nan_at_step_5(ws: Path, mp: pytest.MonkeyPatch) -> None:
-    import pipeline.train as train_mod
+    import semdlm.training as training
 
     fresh_training(ws)
-    real, calls = train_mod.train_step, []
+    real, calls = training.train_step, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 5 else loss
 
-    mp.setattr(train_mod, "train_step", flaky)
+    mp.setattr(training, "train_step", flaky)
 
 
 def bad_checkpoint(payload: bytes | None):

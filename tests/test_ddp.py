@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-from pipeline.common import load_params
+from semdlm.config import load_params
 from tests.ddp_worker import train_rank
 from tests.tiny import REPO, write_params
 

@@ -9,8 +9,8 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline.__main__ import app
-from pipeline.common import StageError, resolve_device
 from semdlm.config import ConfigError, ModelConfig, SamplerConfig, parse_params
+from semdlm.devices import resolve_device
 from semdlm.kernels import masking
 from semdlm.model import Denoiser
 from semdlm.samplers import ancestral
@@ -39,13 +39,13 @@ def test_auto_is_the_cpu_without_cuda_and_cuda_with_it(no_cuda, monkeypatch):
 
 @pytest.mark.parametrize("value", ["cuda", "cuda:0"])
 def test_cuda_without_a_gpu_is_a_one_line_error_naming_the_key(no_cuda, value):
-    with pytest.raises(StageError, match=rf"^dispersion.device={value} but torch sees no CUDA device; use "
+    with pytest.raises(ConfigError, match=rf"^dispersion.device={value} but torch sees no CUDA device; use "
                                          r"dispersion.device=auto or cpu$"):
         resolve_device(value, "dispersion.device")
 
 
 def test_a_gpu_index_beyond_the_machine_names_the_valid_range(one_gpu):
-    with pytest.raises(StageError, match=r"eval.device=cuda:3 but torch sees 1 CUDA device\(s\); use eval.device="
+    with pytest.raises(ConfigError, match=r"eval.device=cuda:3 but torch sees 1 CUDA device\(s\); use eval.device="
                                          r"cuda:0 .. cuda:0"):
         resolve_device("cuda:3", "eval.device")
 
@@ -77,7 +77,7 @@ def test_the_evaluator_resolves_its_device_before_loading(no_cuda, tmp_path, mon
     from semdlm.config import EvalConfig
 
     monkeypatch.chdir(tmp_path)  # no prepared evaluator here: the device error must come first
-    with pytest.raises(StageError, match="^eval.device=cuda but"):
+    with pytest.raises(ConfigError, match="^eval.device=cuda but"):
         ev.load(EvalConfig(device="cuda"))
 
 

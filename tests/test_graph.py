@@ -51,7 +51,7 @@ def test_fewer_valid_rows_than_k_plus_one_is_an_error():
 def test_graph_stage_never_names_an_unused_or_unseen_id_as_a_neighbour(tmp_path, monkeypatch, vocab):
     from pipeline import graph, prior, tokenize
     from pipeline.artifacts import load_graph, load_prior, load_vocab
-    from pipeline.common import load_params
+    from semdlm.config import load_params
     from tests.tiny import write_params
 
     write_params(tmp_path / "params.yaml", tmp_path / "unused-evaluator", data={"vocab": vocab})

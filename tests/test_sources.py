@@ -10,8 +10,7 @@ import yaml
 
 from pipeline import profile, sources, tokenize
 from pipeline.artifacts import iter_split, load_rows, split_shards
-from pipeline.common import load_params
-from semdlm.config import DataConfig, parse_params
+from semdlm.config import DataConfig, load_params, parse_params
 from semdlm.data import Packer, bd3lm_lm1b_detokenize, lm1b_detokenize, pack
 from semdlm.model import Denoiser
 from tests.tiny import REPO, write_params

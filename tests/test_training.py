@@ -1,4 +1,8 @@
-"""The training step's math (semdlm.training): EMA warm-up, rank-local batches, the Eq. 120 normaliser, guards."""
+"""The training step's math (semdlm.training): EMA warm-up, rank-local batches, the Eq. 120 normaliser, guards, the
+optimiser step and the state a run resumes from; the model's file."""
+
+import dataclasses
+import io
 
 import numpy as np
 import pytest
@@ -8,7 +12,16 @@ from semdlm.config import KernelConfig, ModelConfig, TrainConfig
 from semdlm.kernels import masking, uniform
 from semdlm.loss import change_weights
 from semdlm.model import Denoiser
-from semdlm.training import EMA, ImpossibleTarget, draw_batch, normaliser, train_step
+from semdlm.training import (
+    EMA,
+    ImpossibleTarget,
+    TrainState,
+    draw_batch,
+    normaliser,
+    optimizer_step,
+    sharded_mean,
+    train_step,
+)
 
 V, L = 13, 8
 
@@ -108,3 +121,75 @@ def test_the_dropout_of_a_micro_batch_is_a_function_of_its_seed():
     with torch.no_grad():
         losses = [float(train_step(model, kernel, batch, slice(None), kcfg, norm, False, seed)) for seed in (7, 7, 8)]
     assert losses[0] == losses[1] != losses[2]
+
+
+def stepping(dropout: float = 0.1, ema: float = 0.5, grad_accum: int = 2):
+    """A tiny model's TrainState, its configs and rows to draw from."""
+    cfg = TrainConfig(batch_size=8, warmup_steps=2, steps=6, ema=ema, grad_accum=grad_accum)
+    kernel, kcfg = uniform(torch.ones(V, dtype=torch.bool)), KernelConfig(lambda_same=0.1)
+    rows = np.random.default_rng(4).integers(0, V, (50, L)).astype(np.uint16)
+    return TrainState.new(tiny_model(dropout), cfg), cfg, kernel, kcfg, rows
+
+
+def test_optimizer_step_is_accumulation_clipping_adamw_schedule_and_ema_in_that_order():
+    state, cfg, kernel, kcfg, rows = stepping()
+    by_hand, *_ = stepping()
+    for _ in range(3):
+        batch = draw_batch(rows, kernel, cfg, kcfg, state.gen, pieces=2, mine=range(2))
+        assert torch.equal(draw_batch(rows, kernel, cfg, kcfg, by_hand.gen, pieces=2, mine=range(2)).xt, batch.xt)
+        loss = optimizer_step(state, state.model, kernel, batch, cfg, kcfg, False)
+        by_hand.optimizer.zero_grad(set_to_none=True)
+        norm, total = normaliser(batch.counts, kcfg), 0.0
+        for j, rows_j in enumerate((slice(0, 4), slice(4, 8))):
+            part = train_step(by_hand.model, kernel, batch, rows_j, kcfg, norm, False, batch.seeds[j])
+            part.backward()
+            total += float(part.detach())
+        torch.nn.utils.clip_grad_norm_(by_hand.model.parameters(), cfg.grad_clip)
+        by_hand.optimizer.step()
+        by_hand.scheduler.step()
+        by_hand.ema.update(by_hand.model)
+        assert float(loss) == pytest.approx(total, rel=1e-6)
+    assert (state.step, state.ema.updates) == (3, 3)
+    assert state.scheduler.get_last_lr() == by_hand.scheduler.get_last_lr()
+    for a, b in ((state.model, by_hand.model), (state.ema.model, by_hand.ema.model)):
+        assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_a_train_state_saved_and_loaded_resumes_bitwise():
+    def steps(state, cfg, kernel, kcfg, rows, n):
+        for _ in range(n):
+            batch = draw_batch(rows, kernel, cfg, kcfg, state.gen, pieces=2, mine=range(2))
+            optimizer_step(state, state.model, kernel, batch, cfg, kcfg, False)
+
+    whole, cfg, kernel, kcfg, rows = stepping()
+    steps(whole, cfg, kernel, kcfg, rows, 4)
+    first, *_ = stepping()
+    steps(first, cfg, kernel, kcfg, rows, 2)
+    first.train_log.append({"step": 2})
+    saved = io.BytesIO()
+    torch.save(first.state_dict(), saved)
+    saved.seek(0)
+    resumed, *_ = stepping()
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    assert (resumed.step, resumed.train_log, resumed.ema.updates) == (2, [{"step": 2}], 2)
+    steps(resumed, cfg, kernel, kcfg, rows, 2)
+    assert torch.equal(resumed.gen.get_state(), whole.gen.get_state())
+    for a, b in ((resumed.model, whole.model), (resumed.ema.model, whole.ema.model)):
+        assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_the_sharded_mean_is_the_mean_of_the_block_means_weighted_by_their_sizes():
+    values = torch.arange(10, dtype=torch.float64) ** 2
+    got = sharded_mean(lambda k, rows: float(values[rows].mean()), 10, 4)  # blocks of 4, 4 and 2
+    assert got == pytest.approx(float(values.mean()), rel=1e-12)
+
+
+def test_model_pt_round_trips_weights_only_with_its_run_metadata(tmp_path):
+    model = Denoiser.for_kernel(ModelConfig(d_model=8, n_layers=1, n_heads=2), masking(V, V - 1), L, latent=False)
+    model.save(tmp_path / "model.pt", kernel="mask", steps=3)
+    blob = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert blob["meta"] == {"vocab_size": V, "seq_len": L, "model": dataclasses.asdict(model.cfg), "mask_id": V - 1,
+                            "num_states": 0, "kernel": "mask", "steps": 3}
+    back = Denoiser.load(tmp_path / "model.pt")
+    assert not back.training and back.mask_id == V - 1
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values(), strict=True))

@@ -67,7 +67,7 @@ def gpt2_layout_evaluator(path: Path) -> Path:
 
 def write_params(path: Path, evaluator: Path, **overrides: dict) -> Path:
     """The repository's params.yaml with TINY_PARAMS and ``overrides`` merged in (every key stays present)."""
-    from pipeline.profile import deep_merge
+    from semdlm.config import deep_merge
 
     params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY_PARAMS)
     params["eval"]["model"] = str(evaluator)
