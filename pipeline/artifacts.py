@@ -23,6 +23,8 @@ PRIOR_METRICS = Path("metrics/prior.json")
 EVALUATOR = Path("models/evaluator")
 REFERENCE = Path("metrics/reference.json")
 DISPERSION = Path("metrics/dispersion.json")
+REPORTS = Path("reports")  # report.md, results.csv, figures/
+FIGURES = REPORTS / "figures"
 TOKEN_CACHE = Path("checkpoints/tokens")  # memory-mapped copies of the token splits (no out: rebuilt when missing)
 
 

@@ -107,20 +107,6 @@ def atomic(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
-LOCK = Path("constraints.txt")  # the lock of exact package versions (README command 1 installs from it)
-
-
-def versions_in_use() -> dict[str, str]:
-    """The versions of the packages in use (``semdlm.provenance.versions``) and the first 16 hex digits of the
-    lock's sha256 ("none" outside a checkout that has one): recorded with every training run and MLflow run."""
-    import hashlib
-
-    from semdlm.provenance import versions
-
-    lock = hashlib.sha256(LOCK.read_bytes()).hexdigest()[:16] if LOCK.is_file() else "none"
-    return {**versions(), "constraints.txt": lock}
-
-
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -8,20 +8,17 @@ clock, no absolute paths).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 
 from pipeline import figures
-from pipeline.artifacts import DISPERSION, PRIOR_METRICS, load_vocab, samples_path
+from pipeline.artifacts import DISPERSION, FIGURES, PRIOR_METRICS, REPORTS, load_vocab, samples_path
 from pipeline.common import StageError, atomic, read_json, read_parquet
 from pipeline.results import REFERENCE_ROWS, collect, headline, models
 from pipeline.tables import entropy_note, fmt, markdown_table, paper_note, table2, table3
 from pipeline.text import decode
 from semdlm.config import Params
 
-REPORTS = Path("reports")
-FIGURES = REPORTS / "figures"
 PACKINGS = {"wrap": "BD3-LM's wrap (every document followed by [CLS], rows [CLS] + L-2 tokens + [CLS])",
             "cls_sep": "[CLS] doc [SEP] per document, the stream cut into rows of L"}
 

@@ -22,9 +22,8 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.artifacts import DISPERSION, PRIOR_METRICS, REFERENCE, metrics_dir, samples_path
+from pipeline.artifacts import DISPERSION, PRIOR_METRICS, REFERENCE, REPORTS, metrics_dir, samples_path
 from pipeline.common import StageError, read_json
-from pipeline.report import REPORTS
 from pipeline.results import collect
 from semdlm.config import Params
 

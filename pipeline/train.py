@@ -15,6 +15,7 @@ Read top to bottom: ``run`` (threads, ranks) -> ``_train``: ``open_job`` (what t
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import subprocess
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,13 +33,14 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.artifacts import PRIOR_METRICS, Vocab, checkpoint_dir, load_vocab, mapped_rows, metrics_dir, model_path
-from pipeline.common import StageError, atomic, read_json, versions_in_use, write_json
+from pipeline.common import StageError, atomic, read_json, write_json
 from pipeline.loaders import load_kernel, load_unigram
 from semdlm.config import KernelConfig, Params, TrainConfig, load_params
 from semdlm.devices import resolve_device
 from semdlm.kernels import Kernel
 from semdlm.likelihood import bound_name, token_prior_kl, validation_nelbo
 from semdlm.model import Denoiser
+from semdlm.provenance import versions
 from semdlm.training import (
     Batch,
     ImpossibleTarget,
@@ -49,6 +52,15 @@ from semdlm.training import (
     sharded_mean,
     validation_block,
 )
+
+LOCK = Path("constraints.txt")  # the lock of exact package versions (README command 1 installs from it)
+
+
+def versions_in_use() -> dict[str, str]:
+    """The versions of the packages in use (``semdlm.provenance.versions``) and the first 16 hex digits of the
+    lock's sha256 ("none" outside a checkout that has one): recorded with every training run and MLflow run."""
+    lock = hashlib.sha256(LOCK.read_bytes()).hexdigest()[:16] if LOCK.is_file() else "none"
+    return {**versions(), "constraints.txt": lock}
 
 
 @dataclass(frozen=True)
