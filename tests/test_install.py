@@ -101,6 +101,8 @@ def test_the_installed_versions_are_the_locked_ones():
 def test_every_pyproject_requirement_allows_its_locked_version():
     pins = lock()
     for req in requirements():
+        if req.marker is not None and not req.marker.evaluate():
+            continue  # not installed on this interpreter (tomli below Python 3.11)
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} is not in constraints.txt"
         assert req.specifier.contains(pins[name], prereleases=True), \
