@@ -43,13 +43,13 @@ def main() -> None:
             kernel = load_kernel(name, p, vocab)
             torch.manual_seed(0)
             model = Denoiser(vocab.size, data.shape[1], p.model, kernel.mask_id,
-                             kernel.num_states if p.model.latent_state else 0)
+                             kernel.num_states if p.kernels[name].latent_state else 0)
             opt = make_optimizer(model, p.train)
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 batch = corrupt_batch(x0, kernel, p.train, p.kernels[name], gen)
                 loss = train_step(model, kernel, batch, slice(None), p.kernels[name],
-                                  normaliser(batch.counts, p.kernels[name]), p.model.latent_state)
+                                  normaliser(batch.counts, p.kernels[name]), p.kernels[name].latent_state)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

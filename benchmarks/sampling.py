@@ -25,6 +25,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from semdlm.config import ConfigError, KernelConfig, ModelConfig, SamplerConfig,
 from semdlm.kernels import Kernel, masking
 from semdlm.model import Denoiser
 from semdlm.penalties import penalty
-from semdlm.samplers import Denoise, SampleResult, Transform, ancestral, blockwise, tau_leaping
+from semdlm.samplers import Denoise, SampleResult, Transform, get_sampler
 
 PROJECT_SAMPLES, PROJECT_LEN, PROJECT_STEPS = 1000, 1024, 1024  # the projection: OWT-size sampling (Table 3)
 
@@ -55,15 +56,13 @@ def timed(device: torch.device, fn: Callable[..., SampleResult], *args: object) 
 def run_sampler(name: str, denoise: Denoise, latent: bool, kernel: Kernel, num: int, L: int, S: int,
                 cfg: SamplerConfig, gen: torch.Generator, x0: torch.Tensor,
                 transform: Transform | None) -> SampleResult:
-    """One batch with the library sampler ``name`` (``ancestral_plain``: ancestral without the cache); ``latent``:
-    the model sees each token's latent state."""
-    if name == "blockwise":
-        return blockwise(denoise, kernel, num, L, S, cfg.strides, gen, x0, cfg.top_p, cfg.rho, cfg.freeze_threshold,
-                         transform, None, cfg.top_k, latent=latent)
-    if name == "tau_leaping":
-        return tau_leaping(denoise, kernel, num, L, S, gen, transform=transform, x0_dist=x0, latent=latent)
-    return ancestral(denoise, kernel, num, L, S, gen, x0, transform=transform, cache=name == "ancestral",
-                     latent=latent)
+    """One batch with the library sampler ``name`` (``ancestral_plain``: ancestral without the cache; no correctors);
+    ``latent``: the model sees each token's latent state."""
+    sampler = "ancestral" if name == "ancestral_plain" else name
+    run_cfg = replace(cfg, name=sampler, steps=S, cache=name != "ancestral_plain", corrector_steps=0,
+                      projection=cfg.projection and sampler == "blockwise")
+    return get_sampler(sampler)(denoise, kernel, run_cfg, num, L, latent=latent, generator=gen, x0_dist=x0,
+                                transform=transform)
 
 
 def run_params(args: argparse.Namespace, device: torch.device) -> dict:
@@ -82,7 +81,7 @@ def run_params(args: argparse.Namespace, device: torch.device) -> dict:
         for S in (32, 64, 128):
             for name in names:
                 gen = torch.Generator(device=device).manual_seed(0)
-                res, wall = timed(device, run_sampler, name, denoise, model.num_states > 0, kernel, args.num,
+                res, wall = timed(device, run_sampler, name, denoise, p.kernels[kname].latent_state, kernel, args.num,
                                   model.seq_len, S, cfg, gen, x0, None)
                 rows.append({"kernel": kname, "sampler": name, "seq_len": model.seq_len, "batch": args.num,
                              "steps": S, "nfe": res.nfe, "nfe_over_steps": res.nfe / S, "wall_s": wall,
@@ -103,7 +102,8 @@ def run_paper(args: argparse.Namespace, device: torch.device) -> dict:
     precision = raw["train"]["precision"]
     V = args.vocab
     gen = torch.Generator().manual_seed(0)
-    plus_cfg = section(KernelConfig, raw.get("kernels", {}).get("semdlm_plus"), "kernels.semdlm_plus")
+    plus_cfg = section(KernelConfig, {"type": "semdlm_plus", **(raw.get("kernels", {}).get("semdlm_plus") or {})},
+                       "kernels.semdlm_plus")
     plus = synthetic_kernel("semdlm_plus", plus_cfg, V, gen)
     kernels = {"mask": on_device(masking(V, V - 1), device), "semdlm_plus": on_device(plus, device)}
     sims = torch.rand(plus.neighbours.shape, dtype=torch.float64, generator=gen)  # random graph similarities
@@ -112,7 +112,7 @@ def run_paper(args: argparse.Namespace, device: torch.device) -> dict:
     x0[-1] = 0.0  # x_0 never [MASK]
     x0 /= x0.sum()
     # the latent-state model: one state table that serves both kernels (its size does not change the cost)
-    states = max(k.num_states for k in kernels.values()) if model_cfg.latent_state else 0
+    states = max(k.num_states for k in kernels.values()) if plus_cfg.latent_state else 0
     rows = []
     for L in (int(x) for x in args.lengths.split(",")):
         B = args.batch or (64 if L <= 128 else 32)

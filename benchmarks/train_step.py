@@ -24,7 +24,7 @@ import torch
 
 from pipeline.common import load_params
 from semdlm.config import KernelConfig, Params
-from semdlm.kernels import Kernel, build_kernel, masking
+from semdlm.kernels import Kernel, get_kernel, masking
 from semdlm.model import Denoiser
 from semdlm.training import corrupt_batch, make_optimizer, normaliser, train_step
 
@@ -68,12 +68,12 @@ def model_flops_per_token(model: Denoiser, seq_len: int) -> float:
 
 
 def synthetic_kernel(name: str, cfg: KernelConfig, V: int, gen: torch.Generator) -> Kernel:
-    """Kernel over V ids with [MASK] = V - 1, uniform nu and a random neighbour table (never V x V)."""
+    """Kernel of family ``name`` over V ids, [MASK] = V - 1, uniform nu and a random neighbour table (never V x V)."""
     valid = torch.ones(V, dtype=torch.bool)
     valid[-1] = False
     nu = valid.double() / valid.sum()
     neighbours = torch.randint(0, V - 1, (V, cfg.k_max), generator=gen)
-    return build_kernel(name, cfg, mask_id=V - 1, valid=valid, unigram_nu=nu, neighbours=neighbours)
+    return get_kernel(name, cfg, mask_id=V - 1, valid=valid, unigram_nu=nu, neighbours=neighbours)
 
 
 def time_steps(p: Params, kernels: dict[str, tuple[Kernel, KernelConfig]], V: int, L: int, B: int, steps: int,
@@ -83,7 +83,7 @@ def time_steps(p: Params, kernels: dict[str, tuple[Kernel, KernelConfig]], V: in
     The kernels take turns on one model, step by step, so that a change in the machine's load hits all alike.
     """
     torch.manual_seed(0)
-    states = max(k.num_states for k, _ in kernels.values()) if p.model.latent_state else 0
+    states = max(k.num_states for k, _ in kernels.values()) if any(c.latent_state for _, c in kernels.values()) else 0
     model = Denoiser(V, L, p.model, V - 1, states).to(device)
     on_device = {k.name: k.to(device) for k, _ in kernels.values()}  # constrain() runs where the logits are
     if p.train.compile and device.type == "cuda":
@@ -103,7 +103,7 @@ def time_steps(p: Params, kernels: dict[str, tuple[Kernel, KernelConfig]], V: in
         batch = corrupt_batch(x0, kernel, p.train, kcfg, gen).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             loss = train_step(net, on_device[kernel.name], batch, slice(None), kcfg, normaliser(batch.counts, kcfg),
-                              p.model.latent_state)
+                              kcfg.latent_state)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

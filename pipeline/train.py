@@ -43,7 +43,7 @@ from pipeline.artifacts import (
 from pipeline.common import StageError, atomic, autocast, load_params, read_json, resolve_device, write_json
 from semdlm.config import Params, TrainConfig
 from semdlm.kernels import Kernel
-from semdlm.likelihood import bound_name, token_prior_kl, validation_nelbo
+from semdlm.likelihood import DENOISING, Estimate, estimates, validation_estimates
 from semdlm.model import Denoiser
 from semdlm.training import (
     EMA,
@@ -193,8 +193,7 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
     mine = range(dist.rank * cfg.grad_accum, (dist.rank + 1) * cfg.grad_accum)
 
     torch.manual_seed(cfg.seed)
-    model = Denoiser(vocab.size, seq_len, params.model, kernel.mask_id,
-                     kernel.num_states if params.model.latent_state else 0)
+    model = Denoiser(vocab.size, seq_len, params.model, kernel.mask_id, kernel.num_states if kcfg.latent_state else 0)
     unigram = load_unigram(vocab)
     with torch.no_grad():  # start at the unigram predictor: every step is spent on learning from context
         model.bias.copy_(unigram.clamp_min(1e-12).log().float())
@@ -229,35 +228,35 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
     eval_bs = min(cfg.batch_size, max(1, EVAL_LOGITS // (seq_len * vocab.size)))  # the same for any rank count
 
     @functools.cache
-    def prior() -> torch.Tensor:  # once per run, at the first evaluation, on the device
-        return token_prior_kl(on_device, unigram.to(dist.device), params.model.latent_state)
+    def reported() -> list[Estimate]:  # once per run (their prior terms), at the first evaluation, on the device
+        return estimates(on_device, kcfg.latent_state, cfg.bound_steps, unigram.to(dist.device))
 
     def denoise(xt: torch.Tensor, t: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
         """EMA logits in float32 on the device (no autocast, whatever the training precision), where the bound's
         tensors are; the latent state goes along when the model sees it."""
         return ema.model(xt.to(dist.device), t.to(dist.device), None if state is None else state.to(dist.device))
 
-    def evaluate(sequences: int, repeats: int) -> float:
-        """Bound over the first ``sequences`` validation sequences: blocks of eval_bs, block k scored by rank
-        k mod world with its own seed, the per-block sums all-reduced (the same value for any rank count)."""
+    def evaluate(sequences: int, repeats: int, chosen: list[Estimate]) -> dict[str, float]:
+        """Each of ``chosen`` over the first ``sequences`` validation sequences: blocks of eval_bs, block k scored by
+        rank k mod world with its own seed, the per-block sums all-reduced (the same value for any rank count)."""
         n = min(sequences, len(valid))
         starts = range(0, n, eval_bs)
-        sums = torch.zeros(len(starts), dtype=torch.float64, device=dist.device)
+        sums = torch.zeros(len(starts), len(chosen), dtype=torch.float64, device=dist.device)
         was_training = ema.model.training
         ema.model.eval()
         with torch.no_grad():
             for k in range(dist.rank, len(starts), dist.world):
                 x0 = torch.from_numpy(valid[starts[k] : min(starts[k] + eval_bs, n)].astype(np.int64))
-                mean = validation_nelbo(denoise, on_device, x0.to(dist.device), eval_bs, 1, cfg.seed + k,
-                                        cfg.bound_steps, prior(), repeats, params.model.latent_state)
-                sums[k] = mean * len(x0)
+                means = validation_estimates(denoise, on_device, x0.to(dist.device), eval_bs, 1, cfg.seed + k,
+                                             chosen, repeats)
+                sums[k] = torch.tensor([means[e.key] for e in chosen], dtype=torch.float64) * len(x0)
         ema.model.train(was_training)
         if dist.world > 1:
             torch.distributed.all_reduce(sums)
-        return float(sums.sum()) / n
+        return {e.key: float(v) / n for e, v in zip(chosen, sums.sum(0), strict=True)}
 
-    def periodic_evaluation() -> None:
-        val_log.append({"step": step, "val_nelbo": evaluate(cfg.eval_batches * cfg.batch_size, 1)})
+    def periodic_evaluation() -> None:  # the primary bound only
+        val_log.append({"step": step, **evaluate(cfg.eval_batches * cfg.batch_size, 1, reported()[:1])})
 
     def drawn(pending: Future[Batch] | None) -> Batch:
         try:
@@ -298,7 +297,7 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
                 defer = ddp is not None and j < cfg.grad_accum - 1  # all-reduce once, after the last micro-batch
                 with (ddp.no_sync() if defer else contextlib.nullcontext()), autocast(dist.device, cfg.precision):
                     loss = train_step(net, on_device, batch, slice(j * micro, (j + 1) * micro), kcfg, norm,
-                                      params.model.latent_state, batch.seeds[j])
+                                      kcfg.latent_state, batch.seeds[j])
                 loss_sum += loss.detach()
                 (loss * dist.world if dist.world > 1 else loss).backward()  # DDP averages over ranks
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -340,18 +339,20 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
                 if step % cfg.eval_every == 0 and step < cfg.steps:
                     periodic_evaluation()
             bar.update(task, completed=step, loss=last_loss)
-    val_nelbo = evaluate(cfg.val_sequences, cfg.val_repeats)
+    final = evaluate(cfg.val_sequences, cfg.val_repeats, reported())
     if dist.main:
-        _finish(params, kernel_name, vocab, kernel, ema.model, step, train_log, val_log, val_nelbo, train_seconds,
-                fp, unigram_ce, seq_len, dist)
+        _finish(params, kernel_name, vocab, kernel, ema.model, step, train_log, val_log, final, reported(),
+                train_seconds, fp, unigram_ce, seq_len, dist)
     dist.barrier()
 
 
 def _finish(params: Params, kernel_name: str, vocab: Vocab, kernel: Kernel, model: Denoiser, step: int,
-            train_log: list[dict], val_log: list[dict], val_nelbo: float, train_seconds: float, fp: str,
-            unigram_ce: float, seq_len: int, dist: Dist) -> None:
-    """model.pt (the EMA weights when train.ema > 0), logs and train.json with the final bound (rank 0)."""
-    cfg = params.train
+            train_log: list[dict], val_log: list[dict], final: dict[str, float], reported: list[Estimate],
+            train_seconds: float, fp: str, unigram_ce: float, seq_len: int, dist: Dist) -> None:
+    """model.pt (the EMA weights when train.ema > 0), logs and train.json with the final bounds and the denoising
+    CE, each named and labelled (rank 0)."""
+    cfg, kcfg = params.train, params.kernels[kernel_name]
+    val_nelbo = final["val_nelbo"]
     val_log.append({"step": step, "val_nelbo": val_nelbo})
     with atomic(model_path(kernel_name)) as tmp:
         meta = {"vocab_size": vocab.size, "seq_len": seq_len, "model": asdict(params.model),
@@ -377,8 +378,14 @@ def _finish(params: Params, kernel_name: str, vocab: Vocab, kernel: Kernel, mode
         "tokens_per_s": step * cfg.batch_size * seq_len / train_seconds,
         "train_tokens": step * cfg.batch_size * seq_len,
         "train_seconds": train_seconds,
-        "bound": bound_name(params.model.latent_state),
-        "model": "latent-state" if params.model.latent_state else "paper",
+        **{e.key: final[e.key] for e in reported[1:]},
+        "val_denoising_ppl": math.exp(final["val_denoising_ce"]),
+        "denoising_ppl_label": DENOISING,
+        "bound": reported[0].name,
+        "bound_label": reported[0].label,
+        "estimates": {e.key: {"name": e.name, "label": e.label, "value": final[e.key]} for e in reported},
+        "kernel_type": kcfg.type,
+        "model": "latent-state" if kcfg.latent_state else "paper",
         "precision": "bf16 autocast" if dist.device.type == "cuda" and cfg.precision == "bf16" else "float32",
         "validation_precision": "float32",  # the network's, whatever the training precision
         "device": torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu",
