@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     p = load_params(args.params)
     p = replace(p, kernels={"mask": KernelConfig(), **p.kernels})  # mask is the baseline even if not listed
-    cfg, L, V, latent = p.train, p.data.seq_len, args.vocab, p.model.latent_state
+    cfg, L, V = p.train, p.data.seq_len, args.vocab
     gen = torch.Generator().manual_seed(0)
     rows = random_rows(cfg.batch_size, L, V, gen)
     kernels = {name: random_kernel(name, kcfg, V, gen, p.graph.k_max) for name, kcfg in p.kernels.items()}
@@ -43,6 +43,7 @@ def main() -> None:
     for _ in range(2):  # two rounds, keep the faster: evens out warm-up and background noise
         for name, kernel in kernels.items():
             torch.manual_seed(0)
+            latent = p.kernels[name].latent_state  # each entry's own model
             state = TrainState.new(Denoiser.for_kernel(p.model, kernel, L, latent), cfg)
             t0 = time.perf_counter()
             for _ in range(args.steps):

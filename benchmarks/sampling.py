@@ -22,6 +22,7 @@ CUDA), the float64 sampling arithmetic and the generator on the same device, as 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from semdlm.kernels import Kernel, masking
 from semdlm.model import Denoiser
 from semdlm.penalties import penalty
 from semdlm.provenance import machine, versions
-from semdlm.samplers import Denoise, SampleResult, Transform, ancestral, blockwise, tau_leaping
+from semdlm.samplers import Denoise, SampleResult, Transform, get_sampler
 from semdlm.stand_ins import random_kernel, uniform_unigram
 
 PROJECT_SAMPLES, PROJECT_LEN, PROJECT_STEPS = 1000, 1024, 1024  # the projection: OWT-size sampling (Table 3)
@@ -57,15 +58,13 @@ def timed(device: torch.device, fn: Callable[..., SampleResult], *args: object) 
 def run_sampler(name: str, denoise: Denoise, latent: bool, kernel: Kernel, num: int, L: int, S: int,
                 cfg: SamplerConfig, gen: torch.Generator, x0: torch.Tensor,
                 transform: Transform | None) -> SampleResult:
-    """One batch with the library sampler ``name`` (``ancestral_plain``: ancestral without the cache); ``latent``:
-    the model sees each token's latent state."""
-    if name == "blockwise":
-        return blockwise(denoise, kernel, num, L, S, cfg.strides, gen, x0, cfg.top_p, cfg.rho, cfg.freeze_threshold,
-                         transform, None, cfg.top_k, latent=latent)
-    if name == "tau_leaping":
-        return tau_leaping(denoise, kernel, num, L, S, gen, transform=transform, x0_dist=x0, latent=latent)
-    return ancestral(denoise, kernel, num, L, S, gen, x0, transform=transform, cache=name == "ancestral",
-                     latent=latent)
+    """One batch with the library sampler ``name`` (``ancestral_plain``: ancestral without the cache) at S steps and
+    ``cfg``'s other settings, no correctors; ``latent``: the model sees each token's latent state."""
+    sampler = "ancestral" if name == "ancestral_plain" else name
+    run_cfg = dataclasses.replace(cfg, name=sampler, steps=S, corrector_steps=0, cache=name == "ancestral",
+                                  projection=cfg.projection and sampler == "blockwise")
+    return get_sampler(sampler)(denoise, kernel, run_cfg, num, L, latent=latent, generator=gen, x0_dist=x0,
+                                transform=transform)
 
 
 def run_params(args: argparse.Namespace, device: torch.device) -> dict:
@@ -119,7 +118,7 @@ def run_paper(args: argparse.Namespace, device: torch.device) -> dict:
     for L in (int(x) for x in args.lengths.split(",")):
         B = args.batch or (64 if L <= 128 else 32)
         torch.manual_seed(0)
-        model = Denoiser.for_kernel(model_cfg, widest, L, model_cfg.latent_state).to(device).eval()
+        model = Denoiser.for_kernel(model_cfg, widest, L, plus_cfg.latent_state).to(device).eval()
         denoise = in_precision(model, device, precision)
         with torch.no_grad():  # warm-up: CUDA context, kernels and allocator before the first timing
             zeros = torch.zeros(B, L, dtype=torch.long, device=device)

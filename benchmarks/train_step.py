@@ -80,7 +80,8 @@ def time_steps(p: Params, kernels: dict[str, tuple[Kernel, KernelConfig]], V: in
     cfg = dataclasses.replace(p.train, batch_size=B, devices=1, grad_accum=1)
     torch.manual_seed(0)
     widest = max((k for k, _ in kernels.values()), key=lambda k: k.num_states)
-    model = Denoiser.for_kernel(p.model, widest, L, p.model.latent_state).to(device)
+    latent = any(c.latent_state for _, c in kernels.values())  # one model for all: latent if any entry is
+    model = Denoiser.for_kernel(p.model, widest, L, latent).to(device)
     state = TrainState.new(model, cfg)
     on_device = {k.name: k.to(device) for k, _ in kernels.values()}  # constrain() runs where the logits are
     if cfg.compile and device.type == "cuda":
@@ -95,7 +96,7 @@ def time_steps(p: Params, kernels: dict[str, tuple[Kernel, KernelConfig]], V: in
         sync()
         t0 = time.perf_counter()
         batch = draw_batch(rows, kernel, cfg, kcfg, state.gen, never=kernel.mask_id).to(device)
-        optimizer_step(state, net, on_device[kernel.name], batch, cfg, kcfg, p.model.latent_state)
+        optimizer_step(state, net, on_device[kernel.name], batch, cfg, kcfg, latent)
         sync()
         return time.perf_counter() - t0
 
@@ -122,8 +123,9 @@ def run_default(p: Params, V: int, steps: int, device: torch.device) -> dict:
 def run_paper(p: Params, V: int, batch: int, steps: int, device: torch.device, lengths: list[int]) -> list[dict]:
     """Every kernel at every length (fastest timed step of each); ``batch`` 0 = 1,024 tokens per step (CPU)."""
     gen = torch.Generator().manual_seed(0)
-    cfgs = {"mask": KernelConfig(), "uniform": KernelConfig(), "knn": KernelConfig(k=8),
-            "semdlm_plus": p.kernels.get("semdlm_plus", KernelConfig())}
+    cfgs = {"mask": KernelConfig(type="mask"), "uniform": KernelConfig(type="uniform"),
+            "knn": KernelConfig(type="knn", k=8),
+            "semdlm_plus": p.kernels.get("semdlm_plus", KernelConfig(type="semdlm_plus"))}
     kernels = {name: (random_kernel(name, cfg, V, gen), cfg) for name, cfg in cfgs.items()}
     runs = []
     for L in lengths:

@@ -2,7 +2,9 @@
 
 For each t of a midpoint grid, x_t ~ q_t(. | x_0) is drawn for 2 x ``dispersion.sequences`` validation
 sequences; the same tokens give the posterior entropy h(t; Q) (semdlm.dispersion) and, split in two halves,
-two independent gradients of L_t = mean_i -log p_theta(x_0^i | x_t) at the trained parameters. One process for
+two independent gradients of L_t = mean_i -log p_theta(x_0^i | x_t) at the trained parameters; both for the model of
+the kernel entry (``kernels.<name>.latent_state``: the x_t-only posterior and network of the paper's model, or the
+latent-state posterior and the network that sees the state). One process for
 every kernel: a few seconds each on a 2-core CPU. Everything runs on ``dispersion.device`` (the network in the
 training precision, the posterior entropies in float64, the draws from a generator on that device).
 """
@@ -25,11 +27,11 @@ from semdlm.model import Denoiser
 
 
 def gradient(model: Denoiser, kernel: Kernel, x0: torch.Tensor, xt: torch.Tensor, state: torch.Tensor,
-             t: float, precision: str) -> torch.Tensor:
+             t: float, precision: str, latent: bool) -> torch.Tensor:
     """Flattened d L_t / d theta on one batch (the unweighted denoising CE of the paper's Sec. 3.2.3), on the
-    device of ``x0`` in the training ``precision``."""
+    device of ``x0`` in the training ``precision``; ``latent``: the model sees the latent state."""
     model.zero_grad(set_to_none=True)
-    seen = state if model.num_states else None
+    seen = state if latent else None
     with autocast(x0.device, precision):
         logits = model(xt, torch.full((x0.shape[0],), t, dtype=torch.float32, device=x0.device), seen)
         ce = token_ce(logits, x0, kernel, xt, seen)
@@ -42,7 +44,8 @@ def measure(params: Params, kernel_name: str, vocab: Vocab, m: torch.Tensor, x0:
     train unigram (the per-token data law of the posterior)."""
     cfg, device = params.dispersion, x0.device
     kernel = on_device(load_kernel(kernel_name, params, vocab), device)
-    model = load_denoiser(kernel_name).to(device)
+    latent = params.kernels[kernel_name].latent_state
+    model = load_denoiser(kernel_name, latent).to(device)
     n = cfg.sequences
     times = midpoint_times(cfg.times, params.train.t_eps)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -50,14 +53,15 @@ def measure(params: Params, kernel_name: str, vocab: Vocab, m: torch.Tensor, x0:
     h, ga, gb = [], [], []
     for t in times.tolist():
         xt, state = kernel.corrupt(x0, torch.full((x0.shape[0],), t, dtype=torch.float64, device=device), gen)
-        h.append(mean_posterior_entropy(kernel, m, xt, t))
-        ga.append(gradient(model, kernel, x0[:n], xt[:n], state[:n], t, params.train.precision))
-        gb.append(gradient(model, kernel, x0[n:], xt[n:], state[n:], t, params.train.precision))
+        h.append(mean_posterior_entropy(kernel, m, xt, t, state if latent else None))
+        ga.append(gradient(model, kernel, x0[:n], xt[:n], state[:n], t, params.train.precision, latent))
+        gb.append(gradient(model, kernel, x0[n:], xt[n:], state[n:], t, params.train.precision, latent))
     h = torch.tensor(h, dtype=torch.float64)
     between, noise = between_t_variance(torch.stack(ga), torch.stack(gb))
     return {"times": times.tolist(), "posterior_entropy": h.tolist(), "dispersion": dispersion(h),
             "mean_posterior_entropy": float(h.mean()), "grad_var_between": between, "grad_noise": noise,
-            "sequences": n, "device": str(device), "wall_s": time.perf_counter() - start}
+            "model": "latent-state" if latent else "paper", "sequences": n, "device": str(device),
+            "wall_s": time.perf_counter() - start}
 
 
 def run(params: Params) -> None:

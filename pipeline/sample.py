@@ -1,4 +1,6 @@
-"""sample@<kernel>: draw sequences from the trained denoiser with the configured sampler (float64).
+"""sample@<kernel>: draw sequences from the trained denoiser with the configured sampler (float64), in the model of
+the kernel entry (``kernels.<name>.latent_state``), and measure repair and the basin per step count: the revisions
+per position (``SampleResult.mean_revisions``) and the semantic repetition of the samples (``metrics``).
 
 Everything runs on ``sampler.device``: the network in the training precision (``train.precision``: bf16 autocast on
 CUDA), the sampling arithmetic in float64, the random draws from one generator on that device. On the CPU the
@@ -21,15 +23,15 @@ from pipeline.text import decode
 from semdlm.config import Params, SamplerConfig
 from semdlm.devices import in_precision, on_device, resolve_device
 from semdlm.kernels import Kernel
+from semdlm.metrics import semantic_repetition
 from semdlm.model import Denoiser
 from semdlm.penalties import penalty
-from semdlm.samplers import Transform, ancestral, blockwise, tau_leaping
+from semdlm.samplers import Transform, get_sampler
 
 
-def penalty_on(cfg: SamplerConfig, device: torch.device) -> Transform | None:
+def penalty_on(cfg: SamplerConfig, graph: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> Transform | None:
     """Eq. 23 on the logits before each draw (None when off), with the graph's table on ``device``."""
-    graph = load_graph() if cfg.lambda_sem else (None, None)
-    neighbours, sims = (g if g is None else g.to(device) for g in graph)
+    neighbours, sims = (g.to(device) for g in graph)
     return penalty(cfg.lambda_freq, cfg.lambda_sem, cfg.window, neighbours, sims)
 
 
@@ -39,38 +41,48 @@ def run(params: Params, kernel_name: str) -> None:
     device = resolve_device(cfg.device, "sampler.device")
     vocab = load_vocab()
     kernel = on_device(load_kernel(kernel_name, params, vocab), device)
-    model = load_denoiser(kernel_name)
+    latent = params.kernels[kernel_name].latent_state
+    model = load_denoiser(kernel_name, latent)
     if cfg.name == "blockwise" and model.seq_len % cfg.strides:
         raise StageError(
             f"sampler.strides={cfg.strides} does not divide the sequence length {model.seq_len}; "
             "choose a divisor (the paper uses 2)"
         )
     model.to(device)
-    x0_dist, transform = load_unigram(vocab).to(device), penalty_on(cfg, device)
+    graph = load_graph()
+    x0_dist, transform = load_unigram(vocab).to(device), penalty_on(cfg, graph, device)
     frames, by_steps = [], {}
     for steps in cfg.step_counts:
-        ids, nfe_per_batch, wall = draw(model, kernel, dataclasses.replace(cfg, steps=steps), x0_dist, transform,
-                                        device, params.train.precision)
+        ids, nfe_per_batch, wall, revisions = draw(model, kernel, dataclasses.replace(cfg, steps=steps), x0_dist,
+                                                   transform, device, params.train.precision, latent)
         frames.append(pd.DataFrame({"steps": steps, "sample": range(len(ids)), "ids": ids,
                                     "text": decode(vocab, ids)}))
-        by_steps[str(steps)] = {"nfe_per_batch": nfe_per_batch, "wall_s": wall, "samples_per_s": cfg.num_samples / wall}
+        by_steps[str(steps)] = {"nfe_per_batch": nfe_per_batch, "wall_s": wall, "samples_per_s": cfg.num_samples / wall,
+                                "revisions": revisions,
+                                "semantic_repetition": semantic_repetition(torch.tensor(ids), graph[0],
+                                                                           graph[0].shape[1], cfg.window)}
     write_parquet(samples_path(kernel_name), pd.concat(frames, ignore_index=True))
     write_json(metrics_dir(kernel_name) / "sample.json", {
         "sampler": cfg.name, "steps": list(cfg.step_counts), "num_samples": cfg.num_samples, "seed": cfg.seed,
         "device": str(device), "lambda_freq": cfg.lambda_freq, "lambda_sem": cfg.lambda_sem,
+        "model": "latent-state" if latent else "paper", "projection": cfg.projection,
+        "revisions_label": "mean changes of a position's token after it first held a data token (0 for mask)",
+        "semantic_repetition_label": (f"share of tokens with themselves or one of their {graph[0].shape[1]} graph "
+                                      f"neighbours within {cfg.window} positions (sampler.window)"),
         "wall_s": sum(r["wall_s"] for r in by_steps.values()), "by_steps": by_steps,
     })
 
 
 def draw(model: Denoiser, kernel: Kernel, cfg: SamplerConfig, x0_dist: torch.Tensor | None,
-         transform: Transform | None, device: torch.device, precision: str) -> tuple[list[list[int]], float, float]:
-    """``cfg.num_samples`` sequences at ``cfg.steps`` (one count): (ids, network calls per batch, wall s).
-    ``model``, ``kernel``, ``x0_dist`` and ``transform`` are on ``device``, where the generator is made; the network
-    runs in the training ``precision``."""
+         transform: Transform | None, device: torch.device, precision: str,
+         latent: bool) -> tuple[list[list[int]], float, float, float]:
+    """``cfg.num_samples`` sequences at ``cfg.steps`` (one count): (ids, network calls per batch, wall s, revisions
+    per position). ``model``, ``kernel``, ``x0_dist`` and ``transform`` are on ``device``, where the generator is
+    made; the network runs in the training ``precision``; ``latent``: the model sees each token's latent state."""
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     denoise = in_precision(model, device, precision)
-    latent = model.num_states > 0  # the latent-state model sees (and the sampler tracks) each token's state
-    ids, nfe = [], 0
+    sampler = get_sampler(cfg.name)
+    ids, nfe, revisions = [], 0, 0
     start = time.perf_counter()
     columns = (TextColumn(f"sample@{kernel.name} {cfg.steps} steps"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
@@ -80,17 +92,10 @@ def draw(model: Denoiser, kernel: Kernel, cfg: SamplerConfig, x0_dist: torch.Ten
         for first in range(0, cfg.num_samples, cfg.batch_size):
             n = min(cfg.batch_size, cfg.num_samples - first)
             advance = lambda n=n: bar.advance(task, n)  # noqa: E731 - one call per sampler step
-            if cfg.name == "blockwise":
-                res = blockwise(denoise, kernel, n, model.seq_len, cfg.steps, cfg.strides, gen, x0_dist, cfg.top_p,
-                                cfg.rho, cfg.freeze_threshold, transform, advance, cfg.top_k, cfg.corrector_steps,
-                                latent)
-            elif cfg.name == "tau_leaping":
-                res = tau_leaping(denoise, kernel, n, model.seq_len, cfg.steps, gen, cfg.corrector_steps, transform,
-                                  advance, x0_dist, latent)
-            else:
-                res = ancestral(denoise, kernel, n, model.seq_len, cfg.steps, gen, x0_dist, advance, transform,
-                                cfg.cache, latent)
+            res = sampler(denoise, kernel, cfg, n, model.seq_len, latent=latent, generator=gen, x0_dist=x0_dist,
+                          transform=transform, on_step=advance)
             ids += res.ids.tolist()
             nfe += res.nfe
+            revisions += int(res.revisions.sum())
     wall = time.perf_counter() - start
-    return ids, nfe / -(-cfg.num_samples // cfg.batch_size), wall
+    return ids, nfe / -(-cfg.num_samples // cfg.batch_size), wall, revisions / (cfg.num_samples * model.seq_len)

@@ -38,7 +38,7 @@ from pipeline.loaders import load_kernel, load_unigram
 from semdlm.config import KernelConfig, Params, TrainConfig, load_params
 from semdlm.devices import resolve_device
 from semdlm.kernels import Kernel
-from semdlm.likelihood import bound_name, token_prior_kl, validation_nelbo
+from semdlm.likelihood import DENOISING, Estimate, estimates, validation_estimates
 from semdlm.model import Denoiser
 from semdlm.provenance import versions
 from semdlm.training import (
@@ -184,17 +184,18 @@ class Job:
 
     @property
     def latent(self) -> bool:
-        """The model sees each token's latent state."""
-        return self.params.model.latent_state
+        """The model sees each token's latent state (the kernel entry's latent_state; ours)."""
+        return self.kcfg.latent_state
 
     @property
     def seq_len(self) -> int:
         return self.train.shape[1]
 
     @functools.cached_property
-    def prior(self) -> torch.Tensor:
-        """The bound's prior term, on the device: computed once per run, at the first evaluation."""
-        return token_prior_kl(self.on_device, self.unigram.to(self.dist.device), self.latent)
+    def reported(self) -> list[Estimate]:
+        """What train.json reports for this kernel's model, the primary bound first (their prior terms on the
+        device, computed once per run, at the first evaluation)."""
+        return estimates(self.on_device, self.latent, self.cfg.bound_steps, self.unigram.to(self.dist.device))
 
 
 def open_job(params: Params, kernel_name: str, dist: Dist) -> Job:
@@ -235,9 +236,9 @@ def _train(params: Params, kernel_name: str, dist: Dist) -> None:
     if job.cfg.compile:
         net = torch.compile(net)
     loop(job, state, net, ddp)
-    val_nelbo = validate(job, state.ema.model, job.cfg.val_sequences, job.cfg.val_repeats)
+    final = validate(job, state.ema.model, job.cfg.val_sequences, job.cfg.val_repeats, job.reported)
     if dist.main:
-        finish(job, state, val_nelbo)
+        finish(job, state, final)
     dist.barrier()
 
 
@@ -352,35 +353,38 @@ def log_step(state: TrainState, cfg: TrainConfig, seq_len: int, seconds: float) 
 
 def periodic_evaluation(job: Job, state: TrainState) -> None:
     sequences = job.cfg.eval_batches * job.cfg.batch_size
-    state.val_log.append({"step": state.step, "val_nelbo": validate(job, state.ema.model, sequences, 1)})
+    state.val_log.append({"step": state.step, **validate(job, state.ema.model, sequences, 1, job.reported[:1])})
 
 
-def validate(job: Job, model: Denoiser, sequences: int, repeats: int) -> float:
-    """The bound of ``model`` (the EMA weights) over the first ``sequences`` validation sequences, each scored
-    ``repeats`` times: on the device in float32 (no autocast, whatever the training precision), its blocks spread
-    over the ranks, block k with seed train.seed + k."""
+def validate(job: Job, model: Denoiser, sequences: int, repeats: int, chosen: list[Estimate]) -> dict[str, float]:
+    """Each of ``chosen`` for ``model`` (the EMA weights) over the first ``sequences`` validation sequences, each
+    scored ``repeats`` times: on the device in float32 (no autocast, whatever the training precision), its blocks
+    spread over the ranks, block k with seed train.seed + k."""
     cfg, device = job.cfg, job.dist.device
     block = validation_block(cfg.batch_size, job.seq_len, job.vocab.size)
 
     def denoise(xt: torch.Tensor, t: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
         return model(xt.to(device), t.to(device), None if state is None else state.to(device))
 
-    def score(k: int, rows: slice) -> float:
+    def score(k: int, rows: slice) -> list[float]:
         x0 = torch.from_numpy(job.valid[rows].astype(np.int64)).to(device)
-        return validation_nelbo(denoise, job.on_device, x0, block, 1, cfg.seed + k, cfg.bound_steps, job.prior,
-                                repeats, job.latent)
+        means = validation_estimates(denoise, job.on_device, x0, block, 1, cfg.seed + k, chosen, repeats)
+        return [means[e.key] for e in chosen]
 
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        value = sharded_mean(score, min(sequences, len(job.valid)), block, job.dist.rank, job.dist.world, device)
+        values = sharded_mean(score, min(sequences, len(job.valid)), block, len(chosen), job.dist.rank,
+                              job.dist.world, device)
     model.train(was_training)
-    return value
+    return {e.key: v for e, v in zip(chosen, values, strict=True)}
 
 
-def finish(job: Job, state: TrainState, val_nelbo: float) -> None:
-    """model.pt (the EMA weights when train.ema > 0), the logs and train.json with the final bound (rank 0)."""
-    cfg, model = job.cfg, state.ema.model
+def finish(job: Job, state: TrainState, final: dict[str, float]) -> None:
+    """model.pt (the EMA weights when train.ema > 0), the logs and train.json with the final bounds and the denoising
+    CE, each named and labelled (rank 0)."""
+    cfg, model, reported = job.cfg, state.ema.model, job.reported
+    val_nelbo = final["val_nelbo"]
     state.val_log.append({"step": state.step, "val_nelbo": val_nelbo})
     with atomic(model_path(job.name)) as tmp:
         model.save(tmp, kernel=job.name, steps=state.step, fingerprint=job.ckpt.fp, ema=cfg.ema)
@@ -404,7 +408,13 @@ def finish(job: Job, state: TrainState, val_nelbo: float) -> None:
         "tokens_per_s": tokens / state.train_seconds,
         "train_tokens": tokens,
         "train_seconds": state.train_seconds,
-        "bound": bound_name(job.latent),
+        **{e.key: final[e.key] for e in reported[1:]},
+        "val_denoising_ppl": math.exp(final["val_denoising_ce"]),
+        "denoising_ppl_label": DENOISING,
+        "bound": reported[0].name,
+        "bound_label": reported[0].label,
+        "estimates": {e.key: {"name": e.name, "label": e.label, "value": final[e.key]} for e in reported},
+        "kernel_type": job.kcfg.type,
         "model": "latent-state" if job.latent else "paper",
         "precision": "bf16 autocast" if cuda and cfg.precision == "bf16" else "float32",
         "validation_precision": "float32",  # the network's, whatever the training precision

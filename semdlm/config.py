@@ -133,7 +133,6 @@ class ModelConfig:
     dropout: float = 0.0
     time_conditioning: bool = True
     cond_dim: int = 0  # width of the time embedding feeding adaLN; 0 = d_model (MDLM/BD3-LM small: 128)
-    latent_state: bool = True  # the denoiser sees each token's latent state (docs/likelihood.md); False = paper's
 
     def __post_init__(self) -> None:
         _check(self.cond_dim >= 0, f"model.cond_dim={self.cond_dim} must be >= 0 (0 = d_model)")
@@ -200,8 +199,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Hyperparameters of one kernel, named as in Eq. 118-119 (unused ones are ignored by simple kernels)."""
+    """One ``kernels.<name>`` entry: its family, its model and the hyperparameters named as in Eq. 118-119 (unused
+    ones are ignored by simple kernels). ``parse_params`` sets ``type`` to the entry's key when the entry names
+    none and the key is a family name, so ``kernels: {mask: {}}`` stays valid."""
 
+    type: str = "mask"  # family: mask (Eq. 5), uniform (Eq. 6), knn (Eq. 7), semdlm_plus (Eq. 117)
+    latent_state: bool = False  # ours: the denoiser also sees each token's mixture branch; false = the paper's model
     alpha_min: float = 0.0
     beta: float = 1.0  # exponent of the retention schedule alpha_t
     beta_max: float = 1.0
@@ -215,6 +218,8 @@ class KernelConfig:
     time_weight: str = "elbo"  # "elbo": -alpha'_t / (1 - alpha_t) on the CE (the mask NELBO); "none": Eq. 3
 
     def __post_init__(self) -> None:
+        _check(self.type in KERNEL_NAMES,
+               f"type={self.type!r} is no kernel family; choose one of {', '.join(KERNEL_NAMES)}")
         _check(self.nu in ("uniform", "unigram"), f"nu={self.nu!r} is unknown; use 'uniform' or 'unigram'")
         _check(self.k >= 1 and self.k_max >= 1, f"k={self.k}, k_max={self.k_max} must be >= 1")
         _check(self.time_weight in ("elbo", "none"), f"time_weight={self.time_weight!r}: use 'elbo' or 'none'")
@@ -235,6 +240,7 @@ class SamplerConfig:
     top_k: int = 0  # blockwise: top-k truncation of the clean proposal (0 = off)
     rho: float = 1.0  # blockwise: confidence exponent of Eq. 121
     freeze_threshold: float = 1.0  # blockwise: freeze a position once p(x_t^i | x_t) exceeds this (1 = never)
+    projection: bool = False  # blockwise: App. E.1's literal reading of Eq. 121 (docs/samplers.md); False = ours
     lambda_freq: float = 0.0  # Eq. 23 frequency penalty
     lambda_sem: float = 0.0  # Eq. 23 semantic-frequency penalty
     window: int = 16  # Eq. 23 window: positions on each side counted in n_W
@@ -263,6 +269,8 @@ class SamplerConfig:
         _check(self.corrector_steps == 0 or self.name != "ancestral",
                f"sampler.corrector_steps={self.corrector_steps} has no effect with sampler.name=ancestral; "
                "use tau_leaping or blockwise, or set it to 0")
+        _check(not self.projection or self.name == "blockwise",
+               f"sampler.projection=true has no effect with sampler.name={self.name}; use blockwise or set it false")
         _check(min(counts) >= self.strides,
                f"sampler.steps={self.steps} must be >= sampler.strides={self.strides}")
         _check(0 < self.top_p <= 1, f"sampler.top_p={self.top_p} must be in (0, 1]")
@@ -375,15 +383,25 @@ def parse_params(raw: dict[str, Any]) -> Params:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {close[0]}?" if close else f"; known sections: {', '.join(sorted(known))}"
             raise ConfigError(f"unknown section {key!r} in params.yaml{hint}")
+    if "latent_state" in (raw.get("model") or {}):
+        raise ConfigError("model.latent_state moved to each kernel entry: delete it from model and set "
+                          "kernels.<name>.latent_state (false = the paper's model, true = ours: the latent-state one)")
     kernels_raw = raw.get("kernels") or {"mask": {}}
     if not isinstance(kernels_raw, dict) or not kernels_raw:
         raise ConfigError("kernels must be a mapping of kernel name -> settings, e.g. {mask: {}}")
     kernels = {}
     for name, cfg in kernels_raw.items():
-        if name not in KERNEL_NAMES:
-            close = difflib.get_close_matches(str(name), KERNEL_NAMES, n=1)
-            hint = f"did you mean {close[0]}?" if close else f"choose from {', '.join(KERNEL_NAMES)}"
-            raise ConfigError(f"unknown kernel {name!r} in params.yaml kernels; {hint}")
+        cfg = dict(cfg or {})
+        _check(isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_]+", name) is not None,
+               f"kernel name {name!r} in params.yaml kernels names stages and paths; use letters, digits and _")
+        if "type" not in cfg:
+            if name not in KERNEL_NAMES:
+                close = difflib.get_close_matches(name, KERNEL_NAMES, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(f"unknown kernel {name!r} in params.yaml kernels{hint}: a key that is no family name "
+                                  f"needs a family, e.g. kernels.{name}.type: semdlm_plus "
+                                  f"(one of {', '.join(KERNEL_NAMES)})")
+            cfg["type"] = name
         kernels[name] = section(KernelConfig, cfg, f"kernels.{name}")
     return Params(
         data=section(DataConfig, raw.get("data"), "data"),

@@ -8,6 +8,9 @@ the train unigram m (a factorised data model: the exact sequence posterior is in
 (Eq. 117), with x_t drawn from the kernel applied to real validation tokens. D(Q) = Var_t h(t; Q) over a
 midpoint grid of t (App. B.6.2). The column q_t(j | .) needs the *reverse* neighbour lists (which v have j
 among their k nearest); they are built once per k from the [V, k] table, never as a V x V matrix.
+That is the posterior of the paper's model (the denoiser sees x_t only). The latent-state model's posterior
+q(x_0 | x_t, state_t) is measured with the same data law (``latent_posterior_entropy``), so that D(Q) and the
+gradient variance of Fig. 3 always describe one model.
 Every tensor made here lives on the device of the inputs (the kernel's, the tokens').
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from semdlm.kernels import Kernel
+from semdlm.kernels import GLOBAL, NEIGHBOUR, Kernel
 
 
 def midpoint_times(n: int, eps: float = 0.0) -> torch.Tensor:
@@ -65,8 +68,29 @@ def posterior_entropy(kernel: Kernel, m: torch.Tensor, xt: torch.Tensor, t: floa
     return torch.cat(out)
 
 
-def mean_posterior_entropy(kernel: Kernel, m: torch.Tensor, xt: torch.Tensor, t: float) -> float:
-    """Monte-Carlo h(t; Q): mean of H(q(x_0 | x_t)) over the drawn tokens ``xt`` (one posterior per value)."""
+def latent_posterior_entropy(kernel: Kernel, m: torch.Tensor, xt: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    """H(q(x_0 | x_t, state_t)) in nats per position (1-D), prior ``m`` over x_0: 0 where the state is CLEAN
+    (x_0 = x_t), H(m) at GLOBAL (a nu draw says nothing about x_0), and at slot r the entropy of m restricted to the
+    preimage {v : N(v)[r] = x_t}, log M - sum m log m / M with M its mass. The state's own law cancels: no t."""
+    m = m.to(torch.float64)
+    xt, state = xt.reshape(-1), state.reshape(-1)
+    out = torch.zeros(len(xt), dtype=torch.float64, device=m.device)
+    out[state == GLOBAL] = float(-torch.special.xlogy(m, m).sum())
+    slot = state >= NEIGHBOUR
+    if bool(slot.any()):
+        i, v = kernel.preimage_entries(xt[slot], state[slot] - NEIGHBOUR)
+        mass = torch.zeros(int(slot.sum()), dtype=torch.float64, device=m.device).index_add(0, i, m[v])
+        plogp = torch.zeros_like(mass).index_add(0, i, torch.special.xlogy(m[v], m[v]))
+        out[slot] = mass.clamp_min(1e-300).log() - plogp / mass.clamp_min(1e-300)
+    return out
+
+
+def mean_posterior_entropy(kernel: Kernel, m: torch.Tensor, xt: torch.Tensor, t: float,
+                           state: torch.Tensor | None = None) -> float:
+    """Monte-Carlo h(t; Q): mean of H(q(x_0 | x_t)) over the drawn tokens ``xt`` (one posterior per value), or of
+    H(q(x_0 | x_t, state_t)) when the model sees the latent ``state`` (``latent_posterior_entropy``)."""
+    if state is not None:
+        return float(latent_posterior_entropy(kernel, m, xt, state).mean())
     values, counts = torch.unique(xt.reshape(-1), return_counts=True)
     return float((posterior_entropy(kernel, m, values, t) * counts).sum() / counts.sum())
 

@@ -13,12 +13,16 @@ Neighbour tables are ``[V, k_max]`` (self excluded, sorted by similarity) and co
 ``V x V`` tensor is ever built.
 
 Each corrupted token also carries its latent state: which branch of the mixture it took (``CLEAN``, ``GLOBAL`` for
-the nu branch, ``NEIGHBOUR + r`` for the r-th neighbour of x_0). The latent-state model (docs/likelihood.md) lets
-the denoiser see it; the paper's literal model sees x_t only.
+the nu branch, ``NEIGHBOUR + r`` for the r-th neighbour of x_0). The paper's model (the default) sees x_t only; the
+latent-state model (ours, ``kernels.<name>.latent_state``, docs/likelihood.md) lets the denoiser see the state.
+
+A ``kernels.<name>`` entry of params.yaml names its family (``type``); ``get_kernel`` builds it from the registry
+``FAMILIES``, and the kernel's ``name`` is the entry's key.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +44,7 @@ class Kernel:
     mask_id: int | None = None  # set for the absorbing kernel only
     _nu_cdf: torch.Tensor = field(init=False, repr=False)
     _uses_neighbours: bool = field(init=False, repr=False)
+    _markov: bool = field(init=False, repr=False)
     _preimage: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(
         init=False, repr=False, compare=False, default=None)
 
@@ -50,7 +55,9 @@ class Kernel:
         self._nu_cdf = torch.cumsum(self.nu, 0)
         self._nu_cdf[-1] = 1.0
         t = torch.linspace(0, 1, 101, dtype=torch.float64)
-        self._uses_neighbours = bool(((1 - self.schedule.alpha(t) - self.schedule.beta_t(t)) > 1e-12).any())
+        rest = 1 - self.schedule.alpha(t) - self.schedule.beta_t(t)
+        self._uses_neighbours = bool((rest > 1e-12).any())
+        self._markov = bool((rest.abs() <= 1e-12).all())
         if self.uses_neighbours:
             if self.neighbours is None:
                 raise ValueError(f"kernel {self.name} needs a neighbour table (run the graph stage)")
@@ -77,6 +84,12 @@ class Kernel:
     def uses_neighbours(self) -> bool:
         """True when the neighbour branch carries mass somewhere on (0, 1] (fixed at construction)."""
         return self._uses_neighbours
+
+    @property
+    def is_markov(self) -> bool:
+        """True when beta_t = 1 - alpha_t on [0, 1] (mask, uniform): q_t is then the marginal of the Markov chain
+        q_{t|s} = (alpha_t / alpha_s) I + (1 - alpha_t / alpha_s) 1 nu^T (``semdlm.ctmc``)."""
+        return self._markov
 
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(alpha_t, beta_t, neighbour mass 1 - alpha_t - beta_t, integer k_t) for each t."""
@@ -129,7 +142,7 @@ class Kernel:
         if state is not None and self.num_states > NEIGHBOUR:
             at = (state >= NEIGHBOUR).nonzero(as_tuple=True)
             if len(at[0]):
-                row, y = self._preimage_entries(xt[at], state[at] - NEIGHBOUR)
+                row, y = self.preimage_entries(xt[at], state[at] - NEIGHBOUR)
                 keep = torch.zeros(len(at[0]), logits.shape[-1], dtype=torch.bool, device=logits.device)
                 keep[row, y] = True
                 logits = logits.index_put(at, logits[at].masked_fill(~keep, float("-inf")))
@@ -140,7 +153,7 @@ class Kernel:
         """log sum_{y : N(y)[r] = x_t} exp(logits[at][y]) for the positions ``at`` of ``logits`` ([..., V]) at
         neighbour slots ``slot`` = r, in ``logits``' dtype promoted to float32 at least: the normaliser of
         ``constrain``'s slot rows, summed over the preimage lists ([k_max, V] tables) alone."""
-        seg, y = self._preimage_entries(xt, slot)
+        seg, y = self.preimage_entries(xt, slot)
         vals = logits[(*(i[seg] for i in at), y)]
         vals = vals.to(torch.promote_types(vals.dtype, torch.float32))
         top = torch.full(xt.shape, float("-inf"), dtype=vals.dtype, device=vals.device)
@@ -148,7 +161,7 @@ class Kernel:
         total = torch.zeros_like(top).index_add(0, seg, (vals - top[seg]).exp())
         return top + total.log()
 
-    def _preimage_entries(self, xt: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def preimage_entries(self, xt: torch.Tensor, slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(i, y) for every y of the preimage {y : N(y)[r] = x_t} of each position i ([n] ``xt``, ``slot`` = r)."""
         order, start, count = self._preimages()
         c = count[slot, xt]  # |preimage| per position, >= 1 for a reachable (x_t, r)
@@ -215,56 +228,90 @@ class Kernel:
         return self.corrupt(x0.view(shape), torch.ones(shape[0], dtype=torch.float64, device=x0.device), generator)
 
 
-def masking(vocab_size: int, mask_id: int) -> Kernel:
+def masking(vocab_size: int, mask_id: int, name: str = "mask") -> Kernel:
     nu = torch.zeros(vocab_size, dtype=torch.float64)
     nu[mask_id] = 1.0
-    return Kernel("mask", Schedule(), nu, mask_id=mask_id)
+    return Kernel(name, Schedule(), nu, mask_id=mask_id)
 
 
-def uniform(valid: torch.Tensor) -> Kernel:
+def uniform(valid: torch.Tensor, name: str = "uniform") -> Kernel:
     nu = valid.to(torch.float64) / valid.sum()
-    return Kernel("uniform", Schedule(), nu)
+    return Kernel(name, Schedule(), nu)
 
 
-def knn(valid: torch.Tensor, neighbours: torch.Tensor, k: int) -> Kernel:
+def knn(valid: torch.Tensor, neighbours: torch.Tensor, k: int, name: str = "knn") -> Kernel:
     nu = valid.to(torch.float64) / valid.sum()  # unused (beta_t = 0); kept so every kernel has a nu
-    return Kernel("knn", Schedule(beta_max=0.0, k_max=k, gamma=0.0), nu, neighbours)
+    return Kernel(name, Schedule(beta_max=0.0, k_max=k, gamma=0.0), nu, neighbours)
 
 
-def semdlm_plus(nu: torch.Tensor, neighbours: torch.Tensor, schedule: Schedule) -> Kernel:
-    return Kernel("semdlm_plus", schedule, nu, neighbours)
+def semdlm_plus(nu: torch.Tensor, neighbours: torch.Tensor, schedule: Schedule, name: str = "semdlm_plus") -> Kernel:
+    return Kernel(name, schedule, nu, neighbours)
 
 
-def build_kernel(
-    name: str,
+@dataclass(frozen=True)
+class Tables:
+    """What a family may build its kernel from: the [MASK] id, the valid ids and the unigram nu of the prior stage,
+    the graph stage's [V, k_max] neighbour table (None where the family does not use it)."""
+
+    mask_id: int
+    valid: torch.Tensor
+    unigram_nu: torch.Tensor
+    neighbours: torch.Tensor | None
+
+
+def _knn(name: str, cfg: KernelConfig, tab: Tables) -> Kernel:
+    if cfg.k > tab.neighbours.shape[1]:
+        raise ValueError(f"kernels.{name}.k={cfg.k} is larger than the neighbour table width "
+                         f"{tab.neighbours.shape[1]}; lower k or raise graph.k_max")
+    return knn(tab.valid, tab.neighbours, cfg.k, name)
+
+
+def _semdlm_plus(name: str, cfg: KernelConfig, tab: Tables) -> Kernel:
+    schedule = Schedule(cfg.alpha_min, cfg.beta, cfg.beta_max, cfg.eta, cfg.k_max, cfg.gamma)
+    try:
+        schedule.validate()
+    except ValueError as e:
+        raise ValueError(f"kernels.{name}: {e}") from None
+    nu = tab.unigram_nu if cfg.nu == "unigram" else tab.valid.to(torch.float64) / tab.valid.sum()
+    return semdlm_plus(nu, tab.neighbours, schedule, name)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A kernel family of the registry: how to build it from its config, and whether it needs the graph."""
+
+    build: Callable[[str, KernelConfig, Tables], Kernel]
+    uses_graph: bool
+
+
+FAMILIES: dict[str, Family] = {
+    "mask": Family(lambda name, cfg, tab: masking(tab.valid.numel(), tab.mask_id, name), False),  # Eq. 5
+    "uniform": Family(lambda name, cfg, tab: uniform(tab.valid, name), False),  # Eq. 6
+    "knn": Family(_knn, True),  # Eq. 7
+    "semdlm_plus": Family(_semdlm_plus, True),  # Eq. 117-118
+}
+
+
+def family(type: str) -> Family:
+    """The registered family ``type`` (``kernels.<name>.type``)."""
+    if type not in FAMILIES:
+        raise ValueError(f"unknown kernel family {type!r}; choose one of {', '.join(FAMILIES)}")
+    return FAMILIES[type]
+
+
+def get_kernel(
+    type: str,
     cfg: KernelConfig,
     *,
     mask_id: int,
     valid: torch.Tensor,
     unigram_nu: torch.Tensor,
     neighbours: torch.Tensor | None,
+    name: str | None = None,
 ) -> Kernel:
-    """The kernel registered under ``name`` (``kernels.<name>`` section of params.yaml)."""
-    V = valid.numel()
-    if name == "mask":
-        return masking(V, mask_id)
-    if name == "uniform":
-        return uniform(valid)
-    if neighbours is None:
-        raise ValueError(f"kernel {name!r} needs the neighbour table of the graph stage")
-    if name == "knn":
-        if cfg.k > neighbours.shape[1]:
-            raise ValueError(
-                f"kernels.knn.k={cfg.k} is larger than the neighbour table width {neighbours.shape[1]}; "
-                "lower k or raise graph.k_max"
-            )
-        return knn(valid, neighbours, cfg.k)
-    if name == "semdlm_plus":
-        schedule = Schedule(cfg.alpha_min, cfg.beta, cfg.beta_max, cfg.eta, cfg.k_max, cfg.gamma)
-        try:
-            schedule.validate()
-        except ValueError as e:
-            raise ValueError(f"kernels.semdlm_plus: {e}") from None
-        nu = unigram_nu if cfg.nu == "unigram" else valid.to(torch.float64) / valid.sum()
-        return semdlm_plus(nu, neighbours, schedule)
-    raise ValueError(f"unknown kernel {name!r}; choose one of mask, uniform, knn, semdlm_plus")
+    """The kernel of family ``type`` with the settings ``cfg``, named ``name`` (the ``kernels.<name>`` key of
+    params.yaml; the family's name when None)."""
+    fam = family(type)
+    if fam.uses_graph and neighbours is None:
+        raise ValueError(f"kernel {name or type!r} ({type}) needs the neighbour table of the graph stage")
+    return fam.build(name or type, cfg, Tables(mask_id, valid, unigram_nu, neighbours))

@@ -1,33 +1,38 @@
-"""Likelihood bounds (validation NELBO, the "test PPL" of Table 2). Derivations: docs/likelihood.md.
+"""Likelihood bounds of held-out text under the model the samplers draw from, and the paper's Table 2 metric beside
+them. Derivations and the toy numbers: docs/likelihood.md. Each estimator is one sample per sequence (nats/token) on
+the T-step grid t_k = k / T (one stratified grid step per sequence, times T).
 
-- ``latent_bound``: the ELBO of the latent-state model (the default, ``model.latent_state: true``) on a T-step
-  grid, for every kernel. It describes exactly the chain that the samplers draw from with T steps; for the
-  absorbing kernel it is MDLM's discrete-time bound. Per position and step it costs O(V) per state the token
-  can enter, because the reverse law of the state does not depend on x_0 (``semdlm.latent``).
-- ``marginal_bound``: the D3PM-style ELBO of the paper's model (the denoiser sees x_t only; the samplers
-  marginalise the state at every step), on the same grid. Valid, O(V k_max) per position, looser.
-- ``ctmc_nelbo``: the exact continuous-time NELBO of the Markov kernels (mask, uniform) as CTMCs: the model
-  that ``samplers.tau_leaping`` discretises in the paper's model of uniform.
+The paper's model (the denoiser sees x_t only; every default kernel entry):
+- ``markov_bound``: the D3PM ELBO of a Markov kernel (mask, uniform) as the Markov chain in x_t (``semdlm.ctmc``),
+  O(V) per position; for mask it is MDLM's discrete-time bound. It tightens to the NLL as T grows.
+- ``ctmc_nelbo``: the continuous-time NELBO of the same chain (UDLM / Duo; MDLM's for mask): its T -> oo limit and
+  the model that ``samplers.tau_leaping`` discretises for uniform.
+- ``marginal_bound``: knn and SemDLM+, whose samplers marginalise the latent state at every step; valid, O(k_max^2)
+  per position, but not tight: no Markov chain in x_t has Eq. 117's marginals, so the bound keeps a gap.
+The latent-state model (ours, ``kernels.<name>.latent_state``):
+- ``latent_bound``: its ELBO for every kernel, O(V) per position and entered state; tight.
+Beside every bound:
+- ``denoising_ce``: E_t mean_i -log p_theta(x_0^i | x_t), t ~ U(0, 1): Eq. 3 with no time weight, whose exp is the
+  "denoising PPL", the paper's Table 2 metric as we read it; not a likelihood bound.
+``estimates`` names those that apply to a kernel and model, ``validation_estimates`` averages them over data.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import torch
 
+from semdlm import ctmc
 from semdlm.ctmc import model_ratio, rate
 from semdlm.kernels import CLEAN, GLOBAL, NEIGHBOUR, Kernel
-from semdlm.latent import reverse_probs
-from semdlm.loss import stratified_times
+from semdlm.latent import reverse_probs, state_posterior
+from semdlm.loss import stratified_times, token_ce
 from semdlm.samplers import Denoise
 
 MAX_CHUNK_ELEMS = 2**24  # elements of a [positions, V(, k)] float64 work tensor in the bounds (128 MB)
 TINY = 1e-300
-
-
-def bound_name(latent: bool) -> str:
-    if latent:
-        return "latent-state ELBO (discrete time, the sampled model)"
-    return "state-marginalised ELBO (discrete time, the paper's model)"
 
 
 def _xlogy_ratio(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -107,38 +112,15 @@ def latent_step_kl(kernel: Kernel, logp: torch.Tensor, x0: torch.Tensor, state: 
     return kl
 
 
-def step_law(kernel: Kernel, p: torch.Tensor, xt: torch.Tensor, R: torch.Tensor, m_t: torch.Tensor) -> torch.Tensor:
-    """sum_{x_0'} p(x_0') q(x_s = . | x_t, x_0') with the state marginalised ([n, V] dense; p [n, V], x_t [n],
-    R the reverse state law t -> s per row [n, S, S], m_t the state law at t [n, S])."""
-    n, V = p.shape
-    slots = kernel.num_states - NEIGHBOUR
-    ids = torch.arange(V, device=p.device)
-    like = torch.zeros(n, V, kernel.num_states, dtype=torch.float64, device=p.device)
-    like[..., CLEAN] = (ids[None] == xt[:, None]).double()
-    like[..., GLOBAL] = kernel.nu[xt][:, None]
-    if slots:
-        like[..., NEIGHBOUR:] = (kernel.neighbours[:, :slots][None] == xt[:, None, None]).double()
-    post = m_t[:, None] * like
-    possible = post.sum(-1)
-    post = post / possible.clamp_min(TINY)[..., None]  # q(state_t | x_t, x_0') for every x_0' ([n, V, S])
-    diag = R.diagonal(dim1=1, dim2=2)  # staying keeps x_t, and so does an x_0' under which x_t is impossible
-    leave = R - torch.diag_embed(diag)
-    stay = torch.where(possible > 0, (post * diag[:, None]).sum(-1), torch.ones_like(possible))
-    law = torch.zeros(n, V, dtype=torch.float64, device=p.device)
-    law[torch.arange(n, device=p.device), xt] = (p * stay).sum(1)
-    law += p * (post * leave[:, None, :, CLEAN]).sum(-1)  # x_s = x_0'
-    if slots:
-        enter = torch.einsum("nvs,nsr->nvr", post, leave[:, :, NEIGHBOUR:])  # x_s = N(x_0')[r]
-        law.scatter_add_(1, kernel.neighbours[:, :slots].reshape(1, -1).expand(n, -1),
-                         (p[..., None] * enter).reshape(n, -1))
-    return law
-
-
 def marginal_prior_kl(kernel: Kernel, m: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     """Per token id x_0 ([V]): KL(q_1(x_1 | x_0) || sum_y m(y) q_1(x_1 | y)), the tokens only (chunked O(V^2)
-    time, O(chunk V) memory; 0 when q_1 does not depend on x_0, as for mask, uniform and SemDLM+ with beta_1 = 1)."""
+    time, O(chunk V) memory); 0 without work when q_1 does not depend on x_0 (alpha_1 = 0 and no neighbour mass at
+    t = 1: mask, uniform, SemDLM+ with beta_1 = 1)."""
     m = m.to(kernel.nu.device, torch.float64)
     V = kernel.vocab_size
+    a, _, c, _ = kernel.coefficients(torch.ones(1, dtype=torch.float64, device=m.device))
+    if float(a) == 0.0 and float(c) == 0.0:
+        return torch.zeros(V, dtype=torch.float64, device=m.device)
     mix = torch.zeros(V, dtype=torch.float64, device=m.device)
     for start in range(0, V, chunk):
         ids = torch.arange(start, min(start + chunk, V), device=m.device)
@@ -150,25 +132,118 @@ def marginal_prior_kl(kernel: Kernel, m: torch.Tensor, chunk: int = 512) -> torc
     return out
 
 
-def marginal_bound(denoise: Denoise, kernel: Kernel, x0: torch.Tensor, grid_steps: int, prior: torch.Tensor,
-                   generator: torch.Generator | None) -> torch.Tensor:
-    """One-sample estimate per sequence (nats/token) of the paper's model's ELBO on the grid t_k = k / T:
-    sum_i [ prior(x_0^i) + T E_k KL(q(x_s | x_t, x_0) || sum_{x_0'} p_theta(x_0' | x_t) q(x_s | x_t, x_0')) ],
-    the state marginalised on both sides (``step_law``); ``prior`` from ``marginal_prior_kl``."""
+StepKL = Callable[[Kernel, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _grid_bound(denoise: Denoise, kernel: Kernel, x0: torch.Tensor, grid_steps: int, prior: torch.Tensor,
+                generator: torch.Generator | None, step_kl: StepKL) -> torch.Tensor:
+    """One-sample estimate per sequence (nats/token) of the x_t-only model's ELBO on the grid t_k = k / T:
+    sum_i [ prior(x_0^i) + T E_k KL(q(x_s | x_t, x_0) || sum_{x_0'} p_theta(x_0' | x_t) q(x_s | x_t, x_0')) ]
+    with the step KL of the chain (``step_kl(kernel, p, x_0, x_t, t, s)`` per position); the last step (s = 0)
+    is the reconstruction term -log p_theta(x_0 | x_t)."""
     B, L = x0.shape
     t, s = _grid(B, grid_steps, generator)
-    xt, _ = kernel.corrupt(x0, t, generator)
+    xt = kernel.sample_xt(x0, t, generator)
     p = torch.softmax(kernel.constrain(denoise(xt, t.float(), None), xt, None).double(), dim=-1)
-    R, m_t = reverse_probs(kernel, t, s), kernel.state_probs(t)
     b = torch.arange(B, device=x0.device)[:, None].expand(B, L).reshape(-1)
-    flat_x0, flat_xt, flat_p = x0.reshape(-1), xt.reshape(-1), p.reshape(B * L, -1)
-    kl = torch.empty(B * L, dtype=torch.float64, device=x0.device)
-    width = kernel.vocab_size * kernel.num_states
-    for c in _chunks(B * L, width):
-        args = (flat_xt[c], R[b[c]], m_t[b[c]])
-        truth = torch.zeros_like(flat_p[c]).scatter_(1, flat_x0[c, None], 1.0)
-        kl[c] = _xlogy_ratio(step_law(kernel, truth, *args), step_law(kernel, flat_p[c], *args)).sum(1)
+    kl = step_kl(kernel, p.reshape(B * L, -1), x0.reshape(-1), xt.reshape(-1), t[b], s[b])
     return (prior[x0].sum(1) + grid_steps * kl.view(B, L).sum(1)) / L
+
+
+def markov_step_kl(kernel: Kernel, p: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                   s: torch.Tensor) -> torch.Tensor:
+    """KL(q(x_s | x_t, x_0) || sum_{x_0'} p(x_0') q(x_s | x_t, x_0')) of the Markov chain per position ([n]; p [n, V],
+    times [n]): ``ctmc.step_kl``, O(V) per position, chunked."""
+    out = torch.empty(len(x0), dtype=torch.float64, device=p.device)
+    for c in _chunks(len(x0), p.shape[1]):
+        out[c] = ctmc.step_kl(kernel, p[c], x0[c], xt[c], t[c], s[c])
+    return out
+
+
+def markov_bound(denoise: Denoise, kernel: Kernel, x0: torch.Tensor, grid_steps: int, prior: torch.Tensor,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """The D3PM ELBO of a Markov kernel (mask, uniform) as the Markov chain in x_t, per sequence (nats/token), on
+    the grid t_k = k / T; ``prior`` from ``marginal_prior_kl``. For mask it is MDLM's discrete-time bound."""
+    if not kernel.is_markov:
+        raise ValueError(f"kernel {kernel.name!r} has a neighbour branch: no Markov chain in x_t has its marginals")
+    return _grid_bound(denoise, kernel, x0, grid_steps, prior, generator, markov_step_kl)
+
+
+def marginal_step_kl(kernel: Kernel, p: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                     s: torch.Tensor) -> torch.Tensor:
+    """KL(q(x_s | x_t, x_0) || sum_v p(v) q(x_s | x_t, v)) per position ([n]; p [n, V], times [n]), the latent
+    state marginalised on both sides: q(. | x_t, v) draws the state from q(state_t | x_t, v)
+    (``latent.state_posterior``), moves it by R_{t->s}, and stays at x_t, enters CLEAN (token v) or slot r (token
+    N(v)[r]).
+
+    Both laws are read on the truth's support Y = {x_t, x_0, N(x_0)[r]} only. The model's mass at y in Y comes
+    from v = y (CLEAN), the preimages {v : N(v)[r] = y} (slot r), and, when y = x_t, from every v that stays: a v
+    that is neither x_t nor in a preimage of x_t can only be in GLOBAL, so it stays with R(GLOBAL | GLOBAL) (for
+    sure where x_t is impossible given v). So the cost is O(k_max^2 + in-degrees) per position, never O(V k_max)."""
+    n, V = p.shape
+    K = kernel.num_states - NEIGHBOUR
+    out = torch.empty(n, dtype=torch.float64, device=p.device)
+    for c in _chunks(n, (2 + K) * max(K, 1) * kernel.num_states):
+        out[c] = _marginal_step_kl(kernel, p[c], x0[c], xt[c], t[c], s[c])
+    return out
+
+
+def _marginal_step_kl(kernel: Kernel, p: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                      s: torch.Tensor) -> torch.Tensor:
+    n, V = p.shape
+    K = kernel.num_states - NEIGHBOUR
+    pos = torch.arange(n, device=p.device)
+    R = reverse_probs(kernel, t, s)  # [n, S, S]
+    diag = R.diagonal(dim1=1, dim2=2)
+    leave = R - torch.diag_embed(diag)
+
+    def post(rows: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # q(state_t | x_t, x_0 = v) ([m, S])
+        return state_posterior(kernel, xt[rows], v, t[rows])
+
+    def stays(w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # the token stays (for sure where impossible)
+        return torch.where(w.sum(1) > 0, (w * diag[rows]).sum(1), torch.ones_like(w[:, 0]))
+
+    def enters(w: torch.Tensor, rows: torch.Tensor, j: torch.Tensor) -> torch.Tensor:  # the state enters j at s
+        return (w * leave[rows, :, j]).sum(1)
+
+    Y = torch.cat([xt[:, None], x0[:, None], kernel.neighbours[x0, :K] if K else xt.new_empty(n, 0)], 1)  # [n, J]
+    J = Y.shape[1]
+    w0 = post(pos, x0)
+    states = torch.arange(NEIGHBOUR, NEIGHBOUR + K, device=p.device)
+    truth = torch.cat([stays(w0, pos)[:, None], enters(w0, pos, torch.full_like(pos, CLEAN))[:, None],
+                       (w0[:, :, None] * leave[pos[:, None], :, states].transpose(1, 2)).sum(1)], 1)
+    # the model: staying at x_t (every v; the generic one through GLOBAL), CLEAN at y (v = y), slot r at y
+    generic = torch.where(kernel.state_probs(t)[:, GLOBAL] * kernel.nu[xt] > 0, diag[:, GLOBAL], torch.ones_like(t))
+    rows, v = pos, xt
+    if K:
+        q_rows, q_slot = pos.repeat_interleave(K), torch.arange(K, device=p.device).repeat(n)
+        i, pre = kernel.preimage_entries(xt[q_rows], q_slot)
+        rows, v = torch.cat([pos, q_rows[i]]), torch.cat([xt, pre])
+    key = torch.unique(rows * V + v)  # each candidate v of a position once
+    rows, v = key // V, key % V
+    stay = generic.index_add(0, rows, p[rows, v] * (stays(post(rows, v), rows) - generic[rows]))
+    model = (xt[:, None] == Y) * stay[:, None]
+    rows, y = pos.repeat_interleave(J), Y.reshape(-1)
+    model = model + (p[rows, y] * enters(post(rows, y), rows, torch.full_like(y, CLEAN))).view(n, J)
+    if K:
+        q_rows, q_y, q_slot = rows.repeat_interleave(K), y.repeat_interleave(K), torch.arange(K, device=p.device)
+        q_slot = q_slot.repeat(n * J)
+        i, pre = kernel.preimage_entries(q_y, q_slot)
+        r = q_rows[i]
+        into = p[r, pre] * enters(post(r, pre), r, NEIGHBOUR + q_slot[i])
+        model = model + torch.zeros(n * J, dtype=p.dtype, device=p.device).index_add(0, i // K, into).view(n, J)
+    same = Y[:, :, None] == Y[:, None, :]  # a token listed twice in Y: its truth summed, counted once
+    earlier = torch.ones(J, J, dtype=torch.bool, device=p.device).tril(-1)
+    first = ~(same & earlier).any(2)
+    mass = (same * truth[:, None, :]).sum(2)
+    return torch.where(first, _xlogy_ratio(mass, model), torch.zeros_like(mass)).sum(1)
+
+
+def marginal_bound(denoise: Denoise, kernel: Kernel, x0: torch.Tensor, grid_steps: int, prior: torch.Tensor,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """One-sample estimate per sequence (nats/token) of the state-marginalised ELBO on the grid t_k = k / T, the
+    paper's model of knn and SemDLM+ (``marginal_step_kl``); ``prior`` from ``marginal_prior_kl``."""
+    return _grid_bound(denoise, kernel, x0, grid_steps, prior, generator, marginal_step_kl)
 
 
 def ctmc_nelbo_terms(logits: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, kernel: Kernel,
@@ -201,23 +276,73 @@ def ctmc_nelbo(denoise: Denoise, kernel: Kernel, x0: torch.Tensor, t: torch.Tens
     return ctmc_nelbo_terms(logits, x0, xt, kernel, t).sum(1) / x0.shape[1]
 
 
-def token_prior_kl(kernel: Kernel, x0_prior: torch.Tensor, latent: bool) -> torch.Tensor:
-    """What ``validation_nelbo`` needs besides the data: the prior term per token id (compute it once per run)."""
-    return latent_prior_kl(kernel, x0_prior) if latent else marginal_prior_kl(kernel, x0_prior)
+def denoising_ce(denoise: Denoise, kernel: Kernel, x0: torch.Tensor, generator: torch.Generator | None,
+                 latent: bool = False) -> torch.Tensor:
+    """One-sample estimate per sequence of mean_i -log p_theta(x_0^i | x_t) at t ~ U(0, 1) (stratified), under
+    ``Kernel.constrain`` (0 at carried-over positions): Eq. 3 with no time weight. exp of its mean over data is the
+    "denoising PPL", the paper's Table 2 metric as we read it; not a likelihood bound. ``latent``: the model sees
+    the latent state."""
+    t = stratified_times(len(x0), 0.0, generator)
+    xt, state = kernel.corrupt(x0, t, generator)
+    seen = state if latent else None
+    logits = kernel.constrain(denoise(xt, t.float(), seen), xt, seen)
+    return token_ce(logits, x0, kernel, xt, seen).double().mean(1)
 
 
-def validation_nelbo(denoise: Denoise, kernel: Kernel, data: torch.Tensor, batch_size: int, batches: int,
-                     seed: int, grid_steps: int, prior: torch.Tensor, repeats: int = 1, latent: bool = True) -> float:
-    """Mean bound (nats/token) over the first ``batches * batch_size`` sequences, each scored ``repeats`` times
-    at independent stratified grid steps, with a fixed seed; ``prior`` from ``token_prior_kl``. Runs on the
-    device of ``data`` and ``kernel``."""
-    bound = latent_bound if latent else marginal_bound
+Estimator = Callable[[Denoise, Kernel, torch.Tensor, torch.Generator | None], torch.Tensor]  # x_0 [B, L] -> [B]
+DENOISING = "the paper's Table 2 metric as we read it; not a likelihood bound"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One number of train.json (nats/token, mean over validation sequences): its key, what it is, how to read it."""
+
+    key: str
+    name: str
+    label: str
+    fn: Estimator
+
+
+def estimates(kernel: Kernel, latent: bool, grid_steps: int, x0_prior: torch.Tensor) -> list[Estimate]:
+    """What is reported for ``kernel`` in its model (``latent``: the kernel entry's ``latent_state``): the primary
+    bound first (``val_nelbo``), the continuous-time NELBO of a Markov kernel, then the denoising CE. ``x0_prior``:
+    the x_0 law of the model at t = 1 (the train unigram); the prior terms are computed here, once."""
+    T = grid_steps
+    ce = Estimate("val_denoising_ce", "denoising CE: E_t mean_i -log p_theta(x_0^i | x_t), t ~ U(0, 1) (Eq. 3)",
+                  DENOISING, lambda d, k, x0, g: denoising_ce(d, k, x0, g, latent))
+    if latent:
+        prior = latent_prior_kl(kernel, x0_prior)
+        return [Estimate("val_nelbo", f"latent-state ELBO (discrete time, T = {T})",
+                         "bound on the NLL of the sampled latent-state model (ours), tight",
+                         lambda d, k, x0, g: latent_bound(d, k, x0, T, prior, g)), ce]
+    prior = marginal_prior_kl(kernel, x0_prior)
+    if kernel.is_markov:
+        mdlm = " = MDLM's" if kernel.is_absorbing else ""
+        return [Estimate("val_nelbo", f"D3PM ELBO of the Markov chain{mdlm} (discrete time, T = {T})",
+                         "bound on the NLL of the sampled chain; tightens as T grows",
+                         lambda d, k, x0, g: markov_bound(d, k, x0, T, prior, g)),
+                Estimate("val_nelbo_ctmc", "continuous-time NELBO (" + ("MDLM" if kernel.is_absorbing else "UDLM / Duo")
+                         + ")", "bound on the NLL of the chain as T -> infinity",
+                         lambda d, k, x0, g: ctmc_nelbo(d, k, x0, stratified_times(len(x0), 0.0, g), g)), ce]
+    return [Estimate("val_nelbo", f"state-marginalised ELBO (discrete time, T = {T})",
+                     "valid, not tight for this kernel: no Markov x_t chain has Eq. 117's marginals",
+                     lambda d, k, x0, g: marginal_bound(d, k, x0, T, prior, g)), ce]
+
+
+def validation_estimates(denoise: Denoise, kernel: Kernel, data: torch.Tensor, batch_size: int, batches: int,
+                         seed: int, chosen: Sequence[Estimate], repeats: int = 1) -> dict[str, float]:
+    """Each of ``chosen`` (from ``estimates``) averaged over the first ``batches * batch_size`` sequences, each
+    scored ``repeats`` times at independent draws, with a fixed seed (the same draws for every estimate). Runs on
+    the device of ``data`` and ``kernel``."""
     device = data.device
-    gen = torch.Generator(device=device).manual_seed(seed + 1)
-    total, n = torch.zeros((), dtype=torch.float64, device=device), 0
-    for _ in range(repeats):
-        for start in range(0, min(len(data), batches * batch_size), batch_size):
-            x0 = data[start : start + batch_size]
-            total += bound(denoise, kernel, x0, grid_steps, prior, gen).sum()
-            n += len(x0)
-    return float(total) / n
+    out = {}
+    for e in chosen:
+        gen = torch.Generator(device=device).manual_seed(seed + 1)
+        total, n = torch.zeros((), dtype=torch.float64, device=device), 0
+        for _ in range(repeats):
+            for start in range(0, min(len(data), batches * batch_size), batch_size):
+                x0 = data[start : start + batch_size]
+                total += e.fn(denoise, kernel, x0, gen).sum()
+                n += len(x0)
+        out[e.key] = float(total) / n
+    return out

@@ -1,5 +1,5 @@
-"""Generation metrics: generative perplexity under a causal evaluator LM and per-sample unigram entropy /
-distinct-n on the model's own token ids.
+"""Generation metrics: generative perplexity under a causal evaluator LM, per-sample unigram entropy / distinct-n on
+the model's own token ids, and semantic repetition (Sec. 4.1's basin signature) on them and the graph's table.
 
 Two gen PPL protocols (docs/evaluation.md): ``mdlm`` reproduces MDLM's ``compute_generative_perplexity`` (no BOS,
 truncation to the model length, right padding with EOS, every non-EOS token and the first EOS scored);
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from semdlm.penalties import window_tokens
 
 
 @dataclass
@@ -166,3 +168,23 @@ def diversity(samples: Sequence[Sequence[int]]) -> dict[str, float]:
         "distinct_3": distinct_n(samples, 3),
         "repeated_4gram": float(np.mean([repeated_ngram_share(s, 4) for s in samples])),
     }
+
+
+def semantic_repetition(ids: torch.Tensor, neighbours: torch.Tensor, k: int, window: int,
+                        rows_per_chunk: int = 256) -> float:
+    """Share of tokens that have themselves or one of their first ``k`` nearest neighbours (``neighbours``: the
+    graph's [V, k_max] table) elsewhere within ``window`` positions on either side, pooled over the samples
+    (``ids`` [N, L]): the semantic basin signature of Sec. 4.1 (Table 1's "bone bone bone ... dies"). O(N L window
+    k), chunked by rows."""
+    hits, total = 0, 0
+    near = neighbours[:, :k].to(ids.device)
+    for rows in ids.split(rows_per_chunk):
+        B, L = rows.shape
+        at = torch.stack(torch.meshgrid(torch.arange(B, device=ids.device), torch.arange(L, device=ids.device),
+                                        indexing="ij"), -1).reshape(-1, 2)
+        around = window_tokens(rows, at, window)  # [B L, 2 window], -1 = outside the sample
+        own = rows.reshape(-1)
+        similar = torch.cat([own[:, None], near[own]], 1)  # the token and its k neighbours
+        hit = (around[:, :, None] == similar[:, None, :]).any(2).any(1)
+        hits, total = hits + int(hit.sum()), total + len(own)
+    return hits / total if total else 0.0

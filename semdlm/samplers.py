@@ -1,22 +1,34 @@
 """Reverse-process samplers. All categorical draws use float64 probabilities and float64 uniforms.
 
-Every sampler draws from one model per kernel (docs/samplers.md). In the latent-state model (``latent=True``, the
-default) the sampler carries each token's state (``semdlm.latent``) and the denoiser sees it; going from t to
-s < t the new states are drawn first (their reverse law R_{t->s} does not depend on x_0), the network is called
-only when some position changes state, and only those positions draw x^_0 ~ p_theta(x_0 | x_t, state_t).
-In the paper's model (``latent=False``) the denoiser sees x_t only and each step marginalises the state
-(``latent.marginal_reverse_step``); for the absorbing kernel the state is x_t itself, so both models coincide.
-Known-clean positions are always carried over (``Kernel.constrain``): a revealed token is never redrawn.
+Every sampler draws from the model of its kernel entry (docs/samplers.md), ``latent``:
+
+- the paper's model (``latent=False``, every default kernel): the denoiser sees x_t only; every position draws
+  x^_0 ~ p_theta(x_0 | x_t) and takes the model's reverse step given it, so the step is
+  p_theta(x_s | x_t) = sum_{x_0} p_theta(x_0 | x_t) q(x_s | x_t, x_0) (Eq. 2):
+  - mask: MDLM's step; the state is x_t itself ([MASK] or not), so it is tracked as in the latent-state model and
+    a revealed token is carried over (``Kernel.constrain``);
+  - uniform (every Markov kernel): the exact posterior of the Markov chain in x_t (``semdlm.ctmc``);
+  - knn, semdlm_plus: the state-marginalised step (``latent.marginal_reverse_step``): no Markov chain in x_t has
+    Eq. 117's marginals.
+  Any token but [MASK] may change at any step: these samplers repair.
+- the latent-state model (ours, ``latent=True``): the sampler carries each token's state (``semdlm.latent``) and the
+  denoiser sees it; from t to s < t the new states are drawn first (R_{t->s} does not depend on x_0), the network is
+  called only when some state changes, only those positions draw x^_0 ~ p_theta(x_0 | x_t, state_t), and a clean
+  token is never redrawn.
+
+The three samplers share one signature (``Sampler``) and are looked up by name (``get_sampler``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from semdlm.ctmc import is_markov, model_ratio, rate
+from semdlm import ctmc
+from semdlm.config import SamplerConfig
 from semdlm.kernels import Kernel
 from semdlm.latent import (
     draw,
@@ -63,11 +75,18 @@ def categorical(logits: torch.Tensor, generator: torch.Generator | None = None) 
 class SampleResult:
     ids: torch.Tensor  # [N, L] long
     nfe: int  # network function evaluations
+    revisions: torch.Tensor  # [N, L] long: changes of each position's token after it first held a data token
+
+    @property
+    def mean_revisions(self) -> float:
+        """Revisions per position (0 for mask without correctors: a revealed token is never redrawn)."""
+        return float(self.revisions.double().mean())
 
 
 class Chain:
     """The sampler's state: tokens x ([B, L]), latent states (tracked in the latent-state model and for the
-    absorbing kernel, whose state x_t shows), the network and its call count, the penalties."""
+    absorbing kernel, whose state x_t shows), the network and its call count, the penalties, and the revision count
+    of every position (``commit``)."""
 
     def __init__(self, denoise: Denoise, kernel: Kernel, num: int, seq_len: int, latent: bool,
                  x0_dist: torch.Tensor | None, generator: torch.Generator | None,
@@ -75,10 +94,26 @@ class Chain:
         self.denoise, self.kernel, self.num, self.gen, self.transform = denoise, kernel, num, generator, transform
         self.latent = latent
         self.tracked = latent or kernel.is_absorbing
+        self.markov = not self.tracked and kernel.is_markov  # the paper's uniform: the Markov chain in x_t
         if x0_dist is None and (kernel.schedule.alpha_min > 0 or kernel.uses_neighbours):
             raise ValueError(f"kernel {kernel.name!r} needs x0_dist to draw its t=1 reference distribution")
         self.x, self.state = kernel.sample_prior((num, seq_len), kernel.nu if x0_dist is None else x0_dist, generator)
+        self.held = self.data(self.x)
+        self.revisions = torch.zeros_like(self.x)
         self.nfe = 0
+
+    def data(self, x: torch.Tensor) -> torch.Tensor:
+        """Where x holds a data token (anything but [MASK])."""
+        return x != self.kernel.mask_id if self.kernel.is_absorbing else torch.ones_like(x, dtype=torch.bool)
+
+    def commit(self, x: torch.Tensor, state: torch.Tensor | None = None) -> None:
+        """Take the tokens ``x`` (and states) of the whole sequence, counting a revision at every position whose token
+        changes after it first held a data token."""
+        self.revisions += (x != self.x) & self.held
+        self.held |= self.data(x)
+        self.x = x
+        if state is not None:
+            self.state = state
 
     def logits(self, level: float) -> torch.Tensor:
         """Constrained logits of p_theta(x_0 | x, state) at noise ``level`` for every position ([B, L, V])."""
@@ -94,61 +129,79 @@ class Chain:
             rows = self.transform(rows, self.x, at.nonzero())
         return categorical(truncate(rows, top_p, top_k), self.gen)
 
+    def move(self, x: torch.Tensor, x0_hat: torch.Tensor, t: float, s: float) -> torch.Tensor:
+        """The paper's model (untracked): tokens x ([n]) at level t moved to level s given x^_0, by the Markov chain's
+        exact posterior (uniform) or the state-marginalised step (knn, semdlm_plus)."""
+        step = ctmc.reverse_step if self.markov else marginal_reverse_step
+        return step(self.kernel, x, x0_hat, t, s, self.gen)
+
     def reverse(self, t: float, s: float, cache: bool = True) -> None:
         """One exact step t -> s of the model over the whole sequence."""
         if self.tracked:
             new = reverse_states(self.kernel, self.state.reshape(-1), t, s, self.gen).view_as(self.state)
             change = new != self.state
             logits = self.logits(t) if change.any() or not cache else None
+            x = self.x
             if change.any():
                 x0_hat = self.propose(logits, change)
-                self.x[change] = move(self.kernel, self.x[change], self.state[change], new[change], x0_hat, self.gen)
-            self.state = new
+                x = x.clone()
+                x[change] = move(self.kernel, x[change], self.state[change], new[change], x0_hat, self.gen)
+            self.commit(x, new)
         else:
             x0_hat = self.propose(self.logits(t), torch.ones_like(self.x, dtype=torch.bool))
-            self.x = marginal_reverse_step(self.kernel, self.x.reshape(-1), x0_hat, t, s, self.gen).view_as(self.x)
+            self.commit(self.move(self.x.reshape(-1), x0_hat, t, s).view_as(self.x))
 
     def correct(self, s: float, ds: float, at: torch.Tensor) -> None:
         """Corrector at level s on the positions ``at``: x^_0 ~ p_theta(. | x_s), the process forward to s + ds and
         back to s. With the exact posterior it leaves the level-s law invariant (a Gibbs step through x_0)."""
         up = min(1.0, s + ds)
         x0_hat = self.propose(self.logits(s), at)
-        x = self.x[at]
+        x, state = self.x.clone(), self.state.clone()
         if self.tracked:
-            x, st = forward_step(self.kernel, x, self.state[at], x0_hat, s, up, self.gen)
-            x, st = reverse_step(self.kernel, x, st, x0_hat, up, s, self.gen)
-            self.state[at] = st
+            moved, st = forward_step(self.kernel, x[at], state[at], x0_hat, s, up, self.gen)
+            moved, state[at] = reverse_step(self.kernel, moved, st, x0_hat, up, s, self.gen)
+        elif self.markov:
+            moved = ctmc.forward_step(self.kernel, x[at], s, up, self.gen)
+            moved = ctmc.reverse_step(self.kernel, moved, x0_hat, up, s, self.gen)
         else:
-            x = marginal_forward_step(self.kernel, x, x0_hat, s, up, self.gen)
-            x = marginal_reverse_step(self.kernel, x, x0_hat, up, s, self.gen)
-        self.x[at] = x
+            moved = marginal_forward_step(self.kernel, x[at], x0_hat, s, up, self.gen)
+            moved = marginal_reverse_step(self.kernel, moved, x0_hat, up, s, self.gen)
+        x[at] = moved
+        self.commit(x, state)
 
     def result(self) -> SampleResult:
-        return SampleResult(self.x, self.nfe)
+        return SampleResult(self.x, self.nfe, self.revisions)
 
 
-def ancestral(
-    denoise: Denoise,
-    kernel: Kernel,
-    num: int,
-    seq_len: int,
-    steps: int,
-    generator: torch.Generator | None = None,
-    x0_dist: torch.Tensor | None = None,
-    on_step: Callable[[], None] | None = None,
-    transform: Transform | None = None,
-    cache: bool = True,
-    latent: bool = True,
-) -> SampleResult:
-    """Ancestral sampling on ``steps`` uniform steps 1 -> 0 of the kernel's model (``Chain.reverse``).
+class Sampler(Protocol):
+    """The signature every sampler shares: ``cfg`` with one step count; ``latent``: the kernel entry's model."""
 
-    With ``cache`` the network is skipped at steps where no position changes state (``cache=False`` calls it at
-    every step with identical output). For the absorbing kernel this is MDLM's sampler. x_1 comes from the
-    kernel's reference distribution with x_0 ~ ``x0_dist`` (needed by kernels whose t=1 law depends on x_0)."""
+    def __call__(self, denoise: Denoise, kernel: Kernel, cfg: SamplerConfig, num: int, seq_len: int, *,
+                 latent: bool, generator: torch.Generator | None = None, x0_dist: torch.Tensor | None = None,
+                 transform: Transform | None = None, on_step: Callable[[], None] | None = None) -> SampleResult: ...
+
+
+def step_count(cfg: SamplerConfig) -> int:
+    """The one step count a sampler runs (a list in ``sampler.steps`` is looped over by the caller)."""
+    if not isinstance(cfg.steps, int):
+        raise ValueError(f"sampler.steps={list(cfg.steps)}: a sampler runs one count; call it once per count")
+    return cfg.steps
+
+
+def ancestral(denoise: Denoise, kernel: Kernel, cfg: SamplerConfig, num: int, seq_len: int, *, latent: bool,
+              generator: torch.Generator | None = None, x0_dist: torch.Tensor | None = None,
+              transform: Transform | None = None, on_step: Callable[[], None] | None = None) -> SampleResult:
+    """Ancestral sampling on ``cfg.steps`` uniform steps 1 -> 0 of the kernel's model (``Chain.reverse``).
+
+    With ``cfg.cache`` a tracked chain (mask, the latent-state model) skips the network at steps where no position
+    changes state (``cache=False`` calls it at every step with identical output). For the absorbing kernel this is
+    MDLM's sampler. x_1 comes from the kernel's reference distribution with x_0 ~ ``x0_dist`` (needed by kernels
+    whose t=1 law depends on x_0)."""
+    steps = step_count(cfg)
     chain = Chain(denoise, kernel, num, seq_len, latent, x0_dist, generator, transform)
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     for k in range(steps):
-        chain.reverse(float(grid[k]), float(grid[k + 1]), cache)
+        chain.reverse(float(grid[k]), float(grid[k + 1]), cfg.cache)
         if on_step is not None:
             on_step()
     return chain.result()
@@ -166,37 +219,27 @@ def _rate_jumps(kernel: Kernel, x: torch.Tensor, p: torch.Tensor, level: torch.T
     """Jump probabilities R dt of a Markov kernel at ``level`` ([N, V]): the model's reverse rate
     lambda nu(x) s(y) (``semdlm.ctmc``), plus the forward rate lambda nu(y) for a corrector step."""
     a = kernel.schedule.alpha(level)
-    lam = rate(kernel, level).clamp_max(1e12)
-    r = lam * kernel.nu[x][:, None] * model_ratio(p, x, kernel, a)
+    lam = ctmc.rate(kernel, level).clamp_max(1e12)
+    r = lam * kernel.nu[x][:, None] * ctmc.model_ratio(p, x, kernel, a)
     if forward:
         r = r + lam * kernel.nu
     return (r * dt).scatter(-1, x[:, None], 0.0)
 
 
-def tau_leaping(
-    denoise: Denoise,
-    kernel: Kernel,
-    num: int,
-    seq_len: int,
-    steps: int,
-    generator: torch.Generator | None = None,
-    corrector_steps: int = 0,
-    transform: Transform | None = None,
-    on_step: Callable[[], None] | None = None,
-    x0_dist: torch.Tensor | None = None,
-    latent: bool = True,
-) -> SampleResult:
-    """Tau-leaping with predictor-corrector.
+def tau_leaping(denoise: Denoise, kernel: Kernel, cfg: SamplerConfig, num: int, seq_len: int, *, latent: bool,
+                generator: torch.Generator | None = None, x0_dist: torch.Tensor | None = None,
+                transform: Transform | None = None, on_step: Callable[[], None] | None = None) -> SampleResult:
+    """Tau-leaping with predictor-corrector (``cfg.corrector_steps`` correctors after each predictor step).
 
-    The paper's model of the Markov kernels (mask, uniform with ``latent=False``): Campbell et al. (2022), each
-    position jumps x -> y with probability R^_t(x -> y)(t - s), R^ = lambda_t nu(x) s(y) the model's reverse rate
+    The paper's model of uniform (a Markov kernel that is not absorbing): Campbell et al. (2022), each position jumps
+    x -> y with probability R^_t(x -> y)(t - s), R^ = lambda_t nu(x) s(y) the model's reverse rate
     (``semdlm.ctmc``); the corrector at level s leaps with forward plus reverse rates, which leave q_s invariant.
-    Every other model: its transition over a whole leap is known exactly (``semdlm.latent``), so the predictor
-    is that transition (first-order rates would only add error and miss the jumps of the integer k_t), and the
-    corrector is ``Chain.correct``. Correctors run after every predictor step except the last (s = 0).
+    Every other model: its transition over a whole leap is known exactly, so the predictor is that transition
+    (first-order rates would only add error and miss the jumps of the integer k_t), and the corrector is
+    ``Chain.correct``. Correctors run after every predictor step except the last (s = 0).
     """
+    steps = step_count(cfg)
     chain = Chain(denoise, kernel, num, seq_len, latent, x0_dist, generator, transform)
-    rates = is_markov(kernel) and not latent and not kernel.is_absorbing
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     everywhere = torch.ones_like(chain.x, dtype=torch.bool)
 
@@ -206,17 +249,17 @@ def tau_leaping(
             logits = transform(logits, chain.x, everywhere.nonzero())
         p = torch.softmax(logits.double(), -1)
         x = chain.x.reshape(-1)
-        chain.x = _leap(x, _rate_jumps(kernel, x, p, level, dt, forward), generator).view_as(chain.x)
+        chain.commit(_leap(x, _rate_jumps(kernel, x, p, level, dt, forward), generator).view_as(chain.x))
 
     for k in range(steps):
         t, s = grid[k].clamp_max(1 - 1e-9), grid[k + 1]
         dt = float(t - s)
-        if rates:
+        if chain.markov:
             leap(t, dt, forward=False)
         else:
             chain.reverse(float(t), float(s), cache=False)
-        for _ in range(corrector_steps if s > 0 else 0):
-            if rates:
+        for _ in range(cfg.corrector_steps if s > 0 else 0):
+            if chain.markov:
                 leap(s, dt, forward=True)
             else:
                 chain.correct(float(s), dt, everywhere)
@@ -225,72 +268,76 @@ def tau_leaping(
     return chain.result()
 
 
-def blockwise(
-    denoise: Denoise,
-    kernel: Kernel,
-    num: int,
-    seq_len: int,
-    steps: int,
-    strides: int,
-    generator: torch.Generator | None = None,
-    x0_dist: torch.Tensor | None = None,
-    top_p: float = 1.0,
-    rho: float = 0.0,
-    freeze_threshold: float = 1.0,
-    transform: Transform | None = None,
-    on_step: Callable[[], None] | None = None,
-    top_k: int = 0,
-    corrector_steps: int = 0,
-    latent: bool = True,
-) -> SampleResult:
-    """The paper's semi-autoregressive "blockwise predictor" sampler (Sec. 5, App. E.1, Eq. 121).
+def blockwise(denoise: Denoise, kernel: Kernel, cfg: SamplerConfig, num: int, seq_len: int, *, latent: bool,
+              generator: torch.Generator | None = None, x0_dist: torch.Tensor | None = None,
+              transform: Transform | None = None, on_step: Callable[[], None] | None = None) -> SampleResult:
+    """The paper's semi-autoregressive "blockwise predictor" sampler (Sec. 5.1, App. E.1, Eq. 121).
 
-    The sequence is cut into ``strides`` blocks, denoised left to right with ``steps // strides`` steps each;
-    every position starts from the kernel's reference distribution. At a step t -> s of the current block the
-    model's own reverse step proposes each position's next token (``Chain.reverse``'s move: new states first,
-    then x^_0 ~ p_theta truncated by ``top_k`` / ``top_p`` where a state changes; in the paper's model x^_0 at
-    every position and the state-marginalised step). Eq. 121's confidence factor accepts the proposal with
-    probability (1 - p_theta(x_t^i | x_t))^rho, never at frozen positions (confidence above
-    ``freeze_threshold``); a carried-over (known-clean) position has confidence 1 and is never redrawn. Then
-    ``corrector_steps`` correctors at level s on the block's unfrozen positions. With rho = 0, no freezing and
-    no truncation this is the exact ancestral sampler run block by block (docs/samplers.md). NFE <=
-    strides * (per-block steps + corrector_steps * (per-block steps - 1)).
+    The sequence is cut into ``cfg.strides`` blocks, denoised left to right with ``steps // strides`` steps each;
+    every position starts from the kernel's reference distribution. A step t -> s of the current block is a
+    predictor and ``cfg.corrector_steps`` correctors (``Chain.correct``) at level s on the block's unfrozen
+    positions. The predictor: x^_0 ~ p_theta truncated by ``top_k`` / ``top_p`` at every unfrozen position of the
+    block (in a tracked chain, where its state changes), the model's own reverse step given it (``Chain.reverse``'s
+    move), kept with Eq. 121's confidence factor (1 - p_theta(x_t^i | x_t))^rho. A position is frozen once its
+    confidence exceeds ``freeze_threshold``; a carried-over (known-clean) position has confidence 1. With
+    ``cfg.projection`` the predictor is instead App. E.1's literal reading of Eq. 121: the proposal is projected to
+    level s by the forward kernel, x ~ q_s(. | x^_0), and replaces x_t^i with probability
+    (p_t - p_s) / p_t (1 - p_theta(x_t^i | x_t))^rho, p_t = 1 - alpha_t (docs/samplers.md: it does not converge).
+    With rho = 0, no freezing, no truncation and no projection this is the exact ancestral sampler run block by
+    block. NFE <= strides * (per-block steps + corrector_steps * (per-block steps - 1)).
     """
-    if seq_len % strides:
-        raise ValueError(f"strides={strides} does not divide seq_len={seq_len}")
+    steps = step_count(cfg)
+    if seq_len % cfg.strides:
+        raise ValueError(f"strides={cfg.strides} does not divide seq_len={seq_len}")
     chain = Chain(denoise, kernel, num, seq_len, latent, x0_dist, generator, transform)
-    per_block = max(1, steps // strides)
-    block = seq_len // strides
+    per_block = max(1, steps // cfg.strides)
+    block = seq_len // cfg.strides
     grid = torch.linspace(1.0, 0.0, per_block + 1, dtype=torch.float64)
     cols = torch.arange(seq_len, device=chain.x.device)
-    for b in range(strides):
+    for b in range(cfg.strides):
         inside = ((cols >= b * block) & (cols < (b + 1) * block)).expand(num, -1)
         frozen = torch.zeros_like(inside)
         for k in range(per_block):
             t, s = float(grid[k]), float(grid[k + 1])
             if chain.tracked:
                 new = reverse_states(kernel, chain.state.reshape(-1), t, s, generator).view_as(chain.state)
-                change = (new != chain.state) & inside & ~frozen
-            else:
-                new, change = chain.state, inside & ~frozen
+            change = inside & ~frozen
+            if chain.tracked and not cfg.projection:
+                change &= new != chain.state
             if change.any():
                 logits = chain.logits(t)
                 conf = torch.softmax(logits.double(), -1).gather(-1, chain.x[..., None]).squeeze(-1)
-                frozen |= inside & (conf > freeze_threshold)
+                frozen |= inside & (conf > cfg.freeze_threshold)
                 change &= ~frozen
-                x0_hat = chain.propose(logits, change, top_p, top_k)
+                x0_hat = chain.propose(logits, change, cfg.top_p, cfg.top_k)
                 x, st = chain.x[change], chain.state[change]
-                if chain.tracked:
+                replace = 1.0
+                if cfg.projection:  # x ~ q_s(. | x^_0), w.p. (p_t - p_s) / p_t = (alpha_s - alpha_t) / (1 - alpha_t)
+                    proposal, new_st = (v[:, 0] for v in kernel.corrupt(
+                        x0_hat[:, None], torch.full((len(x),), s, dtype=torch.float64, device=x.device), generator))
+                    a_t, a_s = (float(kernel.schedule.alpha(torch.tensor(v, dtype=torch.float64))) for v in (t, s))
+                    replace = (a_s - a_t) / (1.0 - a_t)
+                elif chain.tracked:
                     proposal, new_st = move(kernel, x, st, new[change], x0_hat, generator), new[change]
                 else:
-                    proposal, new_st = marginal_reverse_step(kernel, x, x0_hat, t, s, generator), st
+                    proposal, new_st = chain.move(x, x0_hat, t, s), st
                 u = torch.rand(len(x), dtype=torch.float64, generator=generator, device=x.device)
-                accept = u < (1.0 - conf[change]).clamp_min(0.0) ** rho  # Eq. 121's confidence factor
-                chain.x[change] = torch.where(accept, proposal, x)
-                chain.state[change] = torch.where(accept, new_st, st)
-            for _ in range(corrector_steps if s > 0 else 0):
+                accept = u < replace * (1.0 - conf[change]).clamp_min(0.0) ** cfg.rho  # Eq. 121
+                xs, states = chain.x.clone(), chain.state.clone()
+                xs[change], states[change] = torch.where(accept, proposal, x), torch.where(accept, new_st, st)
+                chain.commit(xs, states)
+            for _ in range(cfg.corrector_steps if s > 0 else 0):
                 chain.correct(s, t - s, inside & ~frozen)
             if on_step is not None:
                 on_step()
     return chain.result()
 
+
+SAMPLERS: dict[str, Sampler] = {"ancestral": ancestral, "tau_leaping": tau_leaping, "blockwise": blockwise}
+
+
+def get_sampler(name: str) -> Sampler:
+    """The sampler registered under ``name`` (``sampler.name``)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]

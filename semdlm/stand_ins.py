@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from semdlm.config import KernelConfig
-from semdlm.kernels import Kernel, build_kernel
+from semdlm.kernels import Kernel, get_kernel
 
 
 def random_rows(n: int, seq_len: int, vocab_size: int, gen: torch.Generator) -> np.ndarray:
@@ -24,13 +24,14 @@ def uniform_unigram(vocab_size: int, mask_id: int | None = None) -> torch.Tensor
 
 
 def random_kernel(name: str, cfg: KernelConfig, vocab_size: int, gen: torch.Generator, width: int = 0,
-                     mask_id: int | None = None) -> Kernel:
-    """The kernel ``name`` over ``vocab_size`` ids with [MASK] = ``mask_id`` (default V - 1), nu uniform over the
-    others and a random neighbour table [V, width] of those (``width`` 0: ``cfg.k_max``; never V x V)."""
+                  mask_id: int | None = None) -> Kernel:
+    """The kernel ``name`` (of family ``cfg.type``) over ``vocab_size`` ids with [MASK] = ``mask_id`` (default
+    V - 1), nu uniform over the others and a random neighbour table [V, width] of those (``width`` 0: ``cfg.k_max``;
+    never V x V)."""
     V = vocab_size
     nu = uniform_unigram(V, mask_id)
     valid = nu > 0
     ids = valid.nonzero().flatten()
     neighbours = ids[torch.randint(len(ids), (V, width or cfg.k_max), generator=gen)]
-    return build_kernel(name, cfg, mask_id=V - 1 if mask_id is None else mask_id, valid=valid, unigram_nu=nu,
-                        neighbours=neighbours)
+    return get_kernel(cfg.type, cfg, name=name, mask_id=V - 1 if mask_id is None else mask_id, valid=valid,
+                      unigram_nu=nu, neighbours=neighbours)

@@ -285,16 +285,16 @@ def validation_block(batch_size: int, seq_len: int, vocab_size: int) -> int:
     return min(batch_size, max(1, EVAL_LOGITS // (seq_len * vocab_size)))
 
 
-def sharded_mean(score: Callable[[int, slice], float], n: int, block: int, rank: int = 0, world: int = 1,
-                 device: torch.device | None = None) -> float:
-    """Mean of a per-sequence value over ``n`` sequences in blocks of ``block``: block k (``rows``) is scored by
-    rank k mod ``world`` as ``score(k, rows)`` (the block's mean; seed it with k), the per-block sums are
-    all-reduced (on ``device``), so the value is the same for any number of ranks."""
+def sharded_mean(score: Callable[[int, slice], list[float]], n: int, block: int, width: int = 1, rank: int = 0,
+                 world: int = 1, device: torch.device | None = None) -> list[float]:
+    """Means of ``width`` per-sequence values over ``n`` sequences in blocks of ``block``: block k (``rows``) is
+    scored by rank k mod ``world`` as ``score(k, rows)`` (the block's ``width`` means; seed it with k), the
+    per-block sums are all-reduced (on ``device``), so the values are the same for any number of ranks."""
     starts = range(0, n, block)
-    sums = torch.zeros(len(starts), dtype=torch.float64, device=device)
+    sums = torch.zeros(len(starts), width, dtype=torch.float64, device=device)
     for k in range(rank, len(starts), world):
         rows = slice(starts[k], min(starts[k] + block, n))
-        sums[k] = score(k, rows) * (rows.stop - rows.start)
+        sums[k] = torch.tensor(score(k, rows), dtype=torch.float64) * (rows.stop - rows.start)
     if world > 1:
         torch.distributed.all_reduce(sums)
-    return float(sums.sum()) / n
+    return (sums.sum(0) / n).tolist()

@@ -1,8 +1,10 @@
 """Exact enumeration of the T-step chains that the samplers draw from, on the toy problem, and of their bounds.
 
-Everything here is dense and written from the definitions (state laws, the reverse state law R, token moves),
-independently of the closed forms in ``semdlm.likelihood``: the chain's law of x_0, its exact NLL, and the
-discrete-time ELBO summed over every grid step and every reachable state with brute-force KL terms.
+Everything here is dense and written from the definitions (state laws, the reverse state law R, token moves, the
+Markov transition matrix and Bayes' rule), independently of the closed forms in ``semdlm.likelihood`` and
+``semdlm.ctmc``: the chain's law of x_0, its exact NLL, and the discrete-time ELBO summed over every grid step and
+every reachable state with brute-force KL terms. Three chains: ``LatentChain`` (ours: the latent-state model),
+``MarkovChain`` (the paper's model of mask and uniform) and ``MarginalChain`` (the paper's model of knn, SemDLM+).
 """
 
 from __future__ import annotations
@@ -151,7 +153,26 @@ class MarginalChain:
         return out.index_add_(0, self.toy.index(self.joint[data]), law[data])
 
 
-def run(chain: LatentChain | MarginalChain, denoise, steps: int) -> torch.Tensor:
+class MarkovChain(MarginalChain):
+    """The paper's model of a Markov kernel (mask, uniform): the chain on tokens whose step s -> t is the matrix
+    Q[y, j] = q(x_t = j | x_s = y) = r 1[y = j] + (1 - r) nu(j), r = alpha_t / alpha_s, reversed by Bayes' rule."""
+
+    def step_given_x0(self, x: torch.Tensor, t: float, s: float) -> torch.Tensor:
+        """q(x_s = . | x_t = x, x_0 = v) ∝ q_s(x_s | v) Q[x_s, x] ([N, vocab(x_0), vocab(x_s)]); x_t stays where it is
+        impossible given v."""
+        alpha = self.kernel.schedule.alpha
+        r = float(alpha(torch.tensor(t, dtype=torch.float64)) / alpha(torch.tensor(s, dtype=torch.float64)))
+        Q = r * torch.eye(self.Vk, dtype=torch.float64) + (1 - r) * self.kernel.nu[None]
+        joint = self.q_tokens(s)[None] * Q[:, x].T[:, None, :]  # [N, v, y]
+        total = joint.sum(2, keepdim=True)
+        stay = torch.nn.functional.one_hot(x, self.Vk).double()[:, None].expand_as(joint)
+        return torch.where(total > 0, joint / total.clamp_min(1e-300), stay)
+
+
+Chain = LatentChain | MarginalChain
+
+
+def run(chain: Chain, denoise, steps: int) -> torch.Tensor:
     """Law of the joint state after ``steps`` uniform steps from t = 1 to 0 ([J])."""
     law = chain.initial()
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
@@ -164,7 +185,7 @@ def run(chain: LatentChain | MarginalChain, denoise, steps: int) -> torch.Tensor
     return law
 
 
-def bound(chain: LatentChain | MarginalChain, denoise, steps: int) -> float:
+def bound(chain: Chain, denoise, steps: int) -> float:
     """The exact T-step ELBO (nats per sequence) of the chain: the prior KL plus every grid step's KL of the true
     reverse step from the model's, summed over every reachable state, dense per position (both sides factorise
     over positions given the state at t)."""

@@ -1,6 +1,7 @@
 import contextlib
 import io
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -139,6 +140,37 @@ def test_tau_leaping_and_blockwise_with_correctors_sample_a_semantic_kernel(work
     assert len(pd.read_parquet("samples/semdlm_plus/samples.parquet")) == p["sampler"]["num_samples"]
 
 
+def test_one_family_in_both_models_runs_side_by_side_each_named_with_its_bounds_and_repair(workspace):
+    # the paper's model of SemDLM+ and ours (latent_state) as two entries of one params file; mask's bounds beside
+    p = yaml.safe_load((workspace / "params.yaml").read_text())
+    p["kernels"] = {"mask": {}, "semdlm_plus": {"k_max": 4},
+                    "plus_latent": {"type": "semdlm_plus", "latent_state": True, "k_max": 4}}
+    p["sampler"].update(steps=[2, 4])
+    (workspace / "params.yaml").write_text(yaml.safe_dump(p))
+    for k in ("semdlm_plus", "plus_latent"):
+        assert invoke("train", "--kernel", k).exit_code == 0
+        res = invoke("sample", "--kernel", k)
+        assert res.exit_code == 0, res.output
+    train = {k: json.loads(Path(f"metrics/{k}/train.json").read_text()) for k in ("mask", "semdlm_plus", "plus_latent")}
+    assert [train[k]["model"] for k in train] == ["paper", "paper", "latent-state"]
+    assert train["plus_latent"]["kernel_type"] == "semdlm_plus" and train["plus_latent"]["kernel"] == "plus_latent"
+    assert set(train["mask"]["estimates"]) == {"val_nelbo", "val_nelbo_ctmc", "val_denoising_ce"}
+    assert "MDLM" in train["mask"]["bound"] and "val_nelbo_ctmc" in train["mask"]
+    assert "valid, not tight for this kernel" in train["semdlm_plus"]["bound_label"]
+    for row in train.values():
+        assert row["val_ppl"] == pytest.approx(math.exp(row["val_nelbo"]))
+        assert row["val_denoising_ppl"] == pytest.approx(math.exp(row["val_denoising_ce"]))
+        assert "not a likelihood bound" in row["denoising_ppl_label"]
+    for k in ("semdlm_plus", "plus_latent"):
+        by_steps = json.loads(Path(f"metrics/{k}/sample.json").read_text())["by_steps"]
+        assert set(by_steps) == {"2", "4"}
+        assert all(r["revisions"] > 0 and 0 <= r["semantic_repetition"] <= 1 for r in by_steps.values()), by_steps
+    p["kernels"]["plus_latent"]["latent_state"] = False  # the model file no longer is the entry's model
+    (workspace / "params.yaml").write_text(yaml.safe_dump(p))
+    assert_bad_input(invoke("sample", "--kernel", "plus_latent"), "models/plus_latent/model.pt is a latent-state model",
+                     "run `dvc repro train@plus_latent`")
+
+
 # ---- bad-input matrix: exit code 2, one `error:` line naming the bad value and the fix, the stage's outs untouched
 
 
@@ -223,6 +255,9 @@ BAD_INPUTS = {
                                  ["models/mask", "checkpoints/mask"]),
     "unknown kernel": (kernels(maks={}), ["train", "-k", "maks"], ["unknown kernel 'maks'", "did you mean mask"],
                        ["models/maks", "checkpoints/maks"]),
+    "model.latent_state of the former default": (params("model", latent_state=True), ["train", "-k", "mask"],
+                                                 ["model.latent_state moved", "kernels.<name>.latent_state"],
+                                                 TRAIN_MASK),
     "kernel not in params": (None, ["train", "-k", "uniform"],
                              ["kernel 'uniform' is not in params.yaml", "add a kernels.uniform section"],
                              ["models/uniform", "checkpoints/uniform"]),

@@ -153,16 +153,16 @@ def test_a_resume_with_dropout_and_ema_is_bitwise_the_uninterrupted_run(workspac
     full, full_state = weights(), torch.load(f"checkpoints/{KERNEL}/state.pt", weights_only=True)
     logs = logs_without_wall_time()
     fresh_training()
-    real = train_mod.validation_nelbo
+    real = train_mod.validation_estimates
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "validation_nelbo", killed)
+    monkeypatch.setattr(train_mod, "validation_estimates", killed)
     with pytest.raises(KeyboardInterrupt):
         train_mod.run(load_params(), KERNEL)
     assert torch.load(f"checkpoints/{KERNEL}/state.pt", weights_only=True)["step"] == 2
-    monkeypatch.setattr(train_mod, "validation_nelbo", real)
+    monkeypatch.setattr(train_mod, "validation_estimates", real)
     train_mod.run(load_params(), KERNEL)
     assert f"resuming {KERNEL} from step 2" in capsys.readouterr().out
     resumed = torch.load(f"checkpoints/{KERNEL}/state.pt", weights_only=True)

@@ -99,10 +99,11 @@ def test_stage_sampling_on_the_cpu_is_the_library_sampler_with_a_cpu_generator(n
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         for n in (3, 2):
-            want += ancestral(model, kernel, n, 8, cfg.steps, gen, latent=False).ids.tolist()
+            want += ancestral(model, kernel, cfg, n, 8, latent=False, generator=gen).ids.tolist()
     for value in ("auto", "cpu"):
         device = resolve_device(value, "sampler.device")
-        got, _, _ = draw(model, kernel, cfg, None, None, device, precision)
+        got, *_ = draw(model, kernel, cfg, None, None, device, precision, False)
         assert got == want, value
-    other, _, _ = draw(model, kernel, dataclasses.replace(cfg, seed=4), None, None, torch.device("cpu"), precision)
+    other, *_ = draw(model, kernel, dataclasses.replace(cfg, seed=4), None, None, torch.device("cpu"), precision,
+                     False)
     assert other != want  # the comparison can fail: the seed matters

@@ -5,11 +5,13 @@ from semdlm.dispersion import (
     ReverseNeighbours,
     between_t_variance,
     dispersion,
+    latent_posterior_entropy,
     mean_posterior_entropy,
     midpoint_times,
     posterior_entropy,
 )
 from tests.test_kernels import NEIGHBOURS, V, kernels
+from tests.toy import local_likelihood
 
 M = torch.tensor([0.3, 0.25, 0.2, 0.1, 0.1, 0.05, 0.0, 0.0], dtype=torch.float64)  # token prior, 0 on specials
 
@@ -31,6 +33,21 @@ def test_posterior_entropy_matches_bayes_on_the_dense_matrix(name, t):
     got = posterior_entropy(kernel, M, torch.tensor(reachable), t)
     want = torch.tensor([bayes_entropy(kernel, j, t) for j in reachable], dtype=torch.float64)
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name", ["mask", "uniform", "knn", "semdlm_plus"])
+@pytest.mark.parametrize("t", [0.1, 0.5, 0.93])
+def test_latent_posterior_entropy_matches_bayes_on_state_and_token(name, t):
+    # the latent-state model's posterior q(x_0 | x_t, state) ∝ m(v) q(state, x_t | v), written densely
+    kernel = kernels()[name]
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.multinomial(M, 400, replacement=True, generator=gen).view(20, 20)
+    xt, state = kernel.corrupt(x0, torch.full((20,), t, dtype=torch.float64), gen)
+    post = M * local_likelihood(kernel, state.reshape(-1), xt.reshape(-1), t)
+    post = post / post.sum(1, keepdim=True)
+    want = -torch.special.xlogy(post, post).sum(1)
+    torch.testing.assert_close(latent_posterior_entropy(kernel, M, xt, state), want)
+    assert mean_posterior_entropy(kernel, M, xt, t, state) == pytest.approx(float(want.mean()))
 
 
 def test_reverse_neighbours_are_the_transposed_table():

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from semdlm.config import ConfigError, KernelConfig
-from semdlm.kernels import build_kernel, knn, masking, semdlm_plus, uniform
+from semdlm.config import KERNEL_NAMES, ConfigError, KernelConfig, parse_params
+from semdlm.kernels import FAMILIES, family, get_kernel, knn, masking, semdlm_plus, uniform
 from semdlm.schedules import Schedule
 from tests.stats import assert_frequencies_match
 
@@ -87,11 +87,43 @@ def test_schedule_rejects_alpha_plus_beta_above_one():
         Schedule(alpha_min=1.5).validate()
 
 
-def test_build_kernel_rejects_k_max_wider_than_table():
-    cfg = KernelConfig(k_max=9)
-    with pytest.raises(ValueError, match="k_max=9 is larger than the neighbour table width 4"):
-        build_kernel("semdlm_plus", cfg, mask_id=7, valid=VALID, unigram_nu=kernels()["semdlm_plus"].nu,
-                     neighbours=NEIGHBOURS)
+def test_get_kernel_rejects_k_max_wider_than_table_naming_the_entry():
+    cfg = KernelConfig(type="semdlm_plus", k_max=9)
+    with pytest.raises(ValueError, match="kernels.plus_wide.k_max=9 is larger than the neighbour table width 4"):
+        get_kernel("semdlm_plus", cfg, mask_id=7, valid=VALID, unigram_nu=kernels()["semdlm_plus"].nu,
+                   neighbours=NEIGHBOURS, name="plus_wide")
+
+
+def test_the_registry_holds_every_family_and_names_the_kernel_by_its_entry():
+    assert tuple(FAMILIES) == KERNEL_NAMES
+    assert [n for n in KERNEL_NAMES if family(n).uses_graph] == ["knn", "semdlm_plus"]
+    tables = {"mask_id": 7, "valid": VALID, "unigram_nu": kernels()["semdlm_plus"].nu, "neighbours": NEIGHBOURS}
+    for n in KERNEL_NAMES:
+        k = get_kernel(n, KernelConfig(type=n, k=3, k_max=4, nu="unigram"), **tables, name=f"{n}_variant")
+        assert k.name == f"{n}_variant"
+        torch.testing.assert_close(k.probs(torch.arange(6), 0.4), kernels()[n].probs(torch.arange(6), 0.4))
+    assert get_kernel("uniform", KernelConfig(type="uniform"), **tables).name == "uniform"
+    with pytest.raises(ValueError, match="unknown kernel family 'gauss'"):
+        get_kernel("gauss", KernelConfig(), **tables)
+    with pytest.raises(ValueError, match="needs the neighbour table"):
+        get_kernel("knn", KernelConfig(type="knn"), **{**tables, "neighbours": None})
+
+
+def test_only_the_kernels_without_neighbours_are_markov_chains_in_x_t():
+    assert [n for n, k in kernels().items() if k.is_markov] == ["mask", "uniform"]
+
+
+def test_a_kernel_entry_names_its_family_and_model_and_defaults_both():
+    p = parse_params({"kernels": {"semdlm_plus": {"k_max": 4}, "semdlm_plus_latent": {"type": "semdlm_plus",
+                                                                                      "latent_state": True}}})
+    assert p.kernels["semdlm_plus"].type == "semdlm_plus" and not p.kernels["semdlm_plus"].latent_state
+    assert p.kernels["semdlm_plus_latent"].type == "semdlm_plus" and p.kernels["semdlm_plus_latent"].latent_state
+    with pytest.raises(ConfigError, match=r"unknown kernel 'plus2'.*kernels.plus2.type: semdlm_plus"):
+        parse_params({"kernels": {"plus2": {}}})
+    with pytest.raises(ConfigError, match="kernels.plus2: type='gauss' is no kernel family"):
+        parse_params({"kernels": {"plus2": {"type": "gauss"}}})
+    with pytest.raises(ConfigError, match="model.latent_state moved to each kernel entry.*kernels.<name>.latent_state"):
+        parse_params({"model": {"latent_state": True}})
 
 
 def test_unknown_nu_is_a_config_error():

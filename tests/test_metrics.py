@@ -14,6 +14,7 @@ from semdlm.metrics import (
     mdlm_weights,
     repeated_ngram_share,
     retokenize,
+    semantic_repetition,
     unigram_entropy,
 )
 from tests.tiny import gpt2_layout_evaluator, tiny_evaluator
@@ -200,3 +201,30 @@ def test_decoding_keeps_unk_and_every_special_as_text_like_mdlm_batch_decode():
     # what MDLM / BD3-LM evaluate: batch_decode(samples) with transformers 4.38 / 4.49, whose default (and
     # bert-base-uncased's tokenizer_config) is clean_up_tokenization_spaces=True
     assert texts == bert.batch_decode(rows, clean_up_tokenization_spaces=True)
+
+
+def brute_force_semantic_repetition(ids: torch.Tensor, neighbours: torch.Tensor, k: int, window: int) -> float:
+    hits = 0
+    for row in ids.tolist():
+        for i, v in enumerate(row):
+            similar = {v, *neighbours[v, :k].tolist()}
+            hits += any(row[j] in similar for j in range(max(0, i - window), min(len(row), i + window + 1)) if j != i)
+    return hits / ids.numel()
+
+
+@pytest.mark.parametrize(("k", "window"), [(1, 1), (3, 2), (4, 6)])
+def test_semantic_repetition_matches_a_brute_force_count(k, window):
+    gen = torch.Generator().manual_seed(k * 10 + window)
+    neighbours = torch.stack([torch.randperm(12, generator=gen)[:4] for _ in range(12)])
+    ids = torch.randint(0, 12, (40, 9), generator=gen)
+    got = semantic_repetition(ids, neighbours, k, window, rows_per_chunk=7)
+    assert got == pytest.approx(brute_force_semantic_repetition(ids, neighbours, k, window))
+    assert 0.0 < got < 1.0
+
+
+def test_semantic_repetition_sees_a_basin_and_not_a_diverse_text():
+    neighbours = torch.tensor([[1, 2], [0, 2], [0, 1], [4, 5], [3, 5], [3, 4]])  # two clusters {0,1,2}, {3,4,5}
+    basin = torch.tensor([[0, 1, 2, 1, 0, 2]])  # one cluster only
+    assert semantic_repetition(basin, neighbours, 2, 1) == 1.0
+    assert semantic_repetition(torch.tensor([[0, 3, 1, 4, 2, 5]]), neighbours, 2, 1) == 0.0  # alternating clusters
+    assert semantic_repetition(torch.tensor([[0, 3, 1, 4, 2, 5]]), neighbours, 2, 2) == 1.0  # ... two apart

@@ -3,13 +3,25 @@ import functools
 import pytest
 import torch
 
+from semdlm.config import SAMPLER_NAMES, SamplerConfig
 from semdlm.kernels import masking
-from semdlm.samplers import ancestral, blockwise, categorical, tau_leaping
-from tests.chain import LatentChain, MarginalChain
+from semdlm.samplers import SAMPLERS, categorical, get_sampler
+from tests.chain import LatentChain, MarginalChain, MarkovChain
 from tests.test_kernels import kernels
 from tests.toy import Toy, exact_denoiser, imperfect_denoiser, wrong_where_known
 
 KERNELS = ["mask", "uniform", "knn", "semdlm_plus"]
+
+
+def config(sampler: str = "ancestral", steps: int = 8, **kw) -> SamplerConfig:
+    """Sampler settings with one step count; one stride and rho = 0 (the model's exact chain) unless given."""
+    return SamplerConfig(name=sampler, steps=steps, **{"strides": 1, "rho": 0.0, **kw})
+
+
+def sample(sampler: str, denoise, kernel, num: int, seq_len: int, steps: int, latent: bool, seed: int = 0,
+           x0_dist: torch.Tensor | None = None, **kw):
+    return get_sampler(sampler)(denoise, kernel, config(sampler, steps, **kw), num, seq_len, latent=latent,
+                                generator=torch.Generator().manual_seed(seed), x0_dist=x0_dist)
 
 
 def empirical_tv(toy: Toy, samples: torch.Tensor) -> float:
@@ -17,10 +29,22 @@ def empirical_tv(toy: Toy, samples: torch.Tensor) -> float:
     return float(0.5 * (counts / counts.sum() - toy.p).abs().sum())
 
 
+def test_every_sampler_is_registered_under_its_params_name():
+    assert tuple(SAMPLERS) == SAMPLER_NAMES and all(get_sampler(n).__name__ == n for n in SAMPLER_NAMES)
+    with pytest.raises(ValueError, match="unknown sampler 'gibbs'"):
+        get_sampler("gibbs")
+
+
+def test_a_sampler_runs_one_step_count():
+    with pytest.raises(ValueError, match="one count"):
+        get_sampler("ancestral")(lambda x, t, s: torch.zeros(*x.shape, 8), kernels()["mask"],
+                                 SamplerConfig(steps=[4, 8]), 2, 2, latent=False)
+
+
 def test_ancestral_with_exact_posterior_reproduces_the_data_distribution():
     toy = Toy(V=4, L=2)
     kernel = masking(toy.vocab, mask_id=toy.V)
-    res = ancestral(toy.denoiser(kernel), kernel, 6000, toy.L, steps=64, generator=torch.Generator().manual_seed(0))
+    res = sample("ancestral", toy.denoiser(kernel), kernel, 6000, toy.L, 64, latent=False)
     assert (res.ids < toy.V).all()
     # 16 states, 6000 draws: sampling noise alone gives TV ~ 0.02
     assert empirical_tv(toy, res.ids) < 0.04
@@ -28,7 +52,7 @@ def test_ancestral_with_exact_posterior_reproduces_the_data_distribution():
 
 def test_knn_sampling_needs_the_x0_law_of_its_reference_distribution():
     with pytest.raises(ValueError, match="x0_dist"):
-        ancestral(lambda x, t, state: torch.zeros(*x.shape, 8), kernels()["knn"], 2, 3, 4)
+        sample("ancestral", lambda x, t, state: torch.zeros(*x.shape, 8), kernels()["knn"], 2, 3, 4, latent=False)
 
 
 def test_categorical_draws_in_float64_keep_tiny_tail_probabilities():
@@ -50,7 +74,7 @@ def test_ancestral_skips_the_network_when_nothing_is_revealed():
         calls.append(1)
         return torch.zeros(*x.shape, 5)
 
-    res = ancestral(denoise, kernel, 1, 1, steps=50, generator=torch.Generator().manual_seed(0))
+    res = sample("ancestral", denoise, kernel, 1, 1, 50, latent=False)
     assert res.nfe == len(calls) == 1  # one position is revealed at exactly one step
 
 
@@ -58,11 +82,18 @@ SIX = Toy(V=6, L=2, extra=2)  # ids 6, 7 exist in the kernel vocabulary but neve
 DRAWS = 20_000  # 36 sequences: sampling noise alone gives TV ~ 0.015
 
 
+def enumerated(name: str, latent: bool) -> LatentChain | MarginalChain:
+    """The chain the samplers draw from: the latent-state model, the Markov chain (mask, uniform) or the
+    state-marginalised chain (knn, SemDLM+) of the paper's model."""
+    if latent:
+        return LatentChain(SIX, kernels()[name], SIX.token_marginal())
+    return (MarkovChain if kernels()[name].is_markov else MarginalChain)(SIX, kernels()[name], SIX.token_marginal())
+
+
 @functools.cache
 def model_law(name: str, latent: bool, steps: int) -> torch.Tensor:
     """The exact law of x_0 under the imperfect toy denoiser's T-step chain (tests/chain.py)."""
-    chain = (LatentChain if latent else MarginalChain)(SIX, kernels()[name], SIX.token_marginal())
-    return chain.x0_law(imperfect_denoiser(SIX, kernels()[name], latent), steps)
+    return enumerated(name, latent).x0_law(imperfect_denoiser(SIX, kernels()[name], latent), steps)
 
 
 def law_tv(samples: torch.Tensor, law: torch.Tensor) -> float:
@@ -73,14 +104,11 @@ def law_tv(samples: torch.Tensor, law: torch.Tensor) -> float:
     return 0.5 * (float((counts - law).abs().sum()) + abs(off - (1.0 - float(law.sum()))))
 
 
-def run_sampler(sampler: str, name: str, latent: bool, denoise, steps: int, seed: int = 0, device: str = "cpu", **kw):
+def run_sampler(sampler: str, name: str, latent: bool, denoise, steps: int, seed: int = 0, device: str = "cpu",
+                num: int = DRAWS, **kw):
     kernel, gen = kernels()[name].to(device), torch.Generator(device=device).manual_seed(seed)
-    common = {"generator": gen, "x0_dist": SIX.token_marginal().to(device), "latent": latent}
-    if sampler == "ancestral":
-        return ancestral(denoise, kernel, DRAWS, SIX.L, steps, **common, **kw)
-    if sampler == "tau_leaping":
-        return tau_leaping(denoise, kernel, DRAWS, SIX.L, steps, **common, **kw)
-    return blockwise(denoise, kernel, DRAWS, SIX.L, steps, 1, **common, **kw)
+    return get_sampler(sampler)(denoise, kernel, config(sampler, steps, **kw), num, SIX.L, latent=latent,
+                                generator=gen, x0_dist=SIX.token_marginal().to(device))
 
 
 @pytest.mark.parametrize("latent", [True, False], ids=["latent", "paper"])
@@ -114,25 +142,19 @@ def test_revealed_tokens_are_kept_even_where_the_denoiser_is_wrong(name, sampler
 
 
 @pytest.mark.parametrize(("name", "strides"), [("mask", 2), ("semdlm_plus", 2), ("uniform", 1)])
-def test_blockwise_with_exact_posterior_and_rho_zero_reproduces_data(name, strides):
+def test_latent_blockwise_with_exact_posterior_and_rho_zero_reproduces_data(name, strides):
     # the latent-state model's exact posterior does not depend on t (a state's law cancels), so the not-yet
     # denoised strides at level 1 are no approximation there
-    kernel = kernels()[name]
-    gen = torch.Generator().manual_seed(0)
-    res = blockwise(exact_denoiser(SIX, kernel, True), kernel, 6000, SIX.L, steps=64, strides=strides,
-                    generator=gen, x0_dist=SIX.token_marginal())
+    res = run_sampler("blockwise", name, True, exact_denoiser(SIX, kernels()[name], True), 64, num=6000,
+                      strides=strides)
     assert res.nfe <= 64
     assert empirical_tv(SIX, res.ids) < 0.06
 
 
 def test_blockwise_tv_shrinks_with_more_steps():
     kernel = kernels()["uniform"]
-    tv = []
-    for steps in (2, 64):
-        gen = torch.Generator().manual_seed(0)
-        res = blockwise(SIX.denoiser(kernel), kernel, 6000, SIX.L, steps=steps, strides=1, generator=gen,
-                        latent=False)
-        tv.append(empirical_tv(SIX, res.ids))
+    tv = [empirical_tv(SIX, sample("blockwise", SIX.denoiser(kernel), kernel, 6000, SIX.L, steps, False).ids)
+          for steps in (2, 64)]
     assert tv[1] < tv[0] - 0.03, tv
 
 
@@ -148,10 +170,10 @@ def test_eq_121_confidence_factor_accepts_with_probability_one_minus_conf_to_the
 
     moved = []
     for rho in (0.0, 2.0):
-        gen = torch.Generator().manual_seed(7)
         start = kernel.sample_prior((n, 1), SIX.token_marginal(), torch.Generator().manual_seed(7))[0]
-        res = blockwise(denoise, kernel, n, 1, steps=1, strides=1, generator=gen, rho=rho, latent=False)
+        res = sample("blockwise", denoise, kernel, n, 1, 1, False, seed=7, rho=rho)
         moved.append(float((res.ids != start).double().mean()))
+        assert res.mean_revisions == pytest.approx(moved[-1])  # one step: a revision is a moved token
     assert moved[0] > 0.3  # x^_0 differs from x_t w.p. 1 - c = 0.4 and the last step takes it
     assert abs(moved[1] / moved[0] - (1 - c) ** 2) < 0.03, moved
 
@@ -166,8 +188,7 @@ def test_frozen_positions_never_change_again():
         logits = torch.zeros(*x.shape, 8)
         return logits.scatter(-1, x[..., None], torch.where(x[..., None] == 0, 10.0, 0.0))  # sure of token 0
 
-    res = blockwise(denoise, kernel, 2000, 2, steps=16, strides=1, generator=torch.Generator().manual_seed(8),
-                    freeze_threshold=0.9, rho=0.0, latent=False)
+    res = sample("blockwise", denoise, kernel, 2000, 2, 16, False, seed=8, freeze_threshold=0.9)
     first = torch.stack(seen)  # [calls, n, L]
     zero_before = (first == 0).any(0)
     assert zero_before.any()
@@ -176,7 +197,8 @@ def test_frozen_positions_never_change_again():
 
 def test_blockwise_rejects_strides_that_do_not_divide_the_length():
     with pytest.raises(ValueError, match="strides=3 does not divide seq_len=8"):
-        blockwise(lambda x, t, state: torch.zeros(*x.shape, 8), kernels()["mask"], 1, 8, 6, 3)
+        sample("blockwise", lambda x, t, state: torch.zeros(*x.shape, 8), kernels()["mask"], 1, 8, 6, False,
+               strides=3)
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
@@ -192,8 +214,8 @@ def test_paper_uniform_tau_leaping_converges_to_data_as_steps_grow():
     kernel = kernels()["uniform"]
     tv = []
     for steps in (4, 128):
-        res = tau_leaping(SIX.denoiser(kernel), kernel, 6000, SIX.L, steps, torch.Generator().manual_seed(0),
-                          x0_dist=SIX.token_marginal(), latent=False)
+        res = sample("tau_leaping", SIX.denoiser(kernel), kernel, 6000, SIX.L, steps, False,
+                     x0_dist=SIX.token_marginal())
         assert res.nfe == steps
         tv.append(empirical_tv(SIX, res.ids))
     assert tv[1] < 0.06 and tv[1] < tv[0], tv
@@ -203,17 +225,19 @@ def test_paper_uniform_tau_leaping_converges_to_data_as_steps_grow():
                                               ("semdlm_plus", False)])
 def test_tau_leaping_corrector_keeps_the_exact_distribution(name, latent):
     kernel = kernels()[name]
-    res = tau_leaping(exact_denoiser(SIX, kernel, latent), kernel, 6000, SIX.L, 32, torch.Generator().manual_seed(1),
-                      corrector_steps=2, x0_dist=SIX.token_marginal(), latent=latent)
+    res = sample("tau_leaping", exact_denoiser(SIX, kernel, latent), kernel, 6000, SIX.L, 32, latent, seed=1,
+                 x0_dist=SIX.token_marginal(), corrector_steps=2)
     assert res.nfe == 32 + 2 * 31  # no corrector after the last step
     assert empirical_tv(SIX, res.ids) < 0.06
 
 
-@pytest.mark.parametrize("name", ["mask", "semdlm_plus"])
-def test_blockwise_with_correctors_keeps_the_exact_distribution(name):
+@pytest.mark.parametrize(("name", "latent"), [("mask", True), ("semdlm_plus", True), ("uniform", False),
+                                              ("semdlm_plus", False)])
+def test_blockwise_with_correctors_keeps_the_exact_distribution(name, latent):
+    # the corrector of the Markov chain (uniform) runs q_{t|s} forward, which needs no x_0, and back by its posterior
     kernel = kernels()[name]
-    res = blockwise(exact_denoiser(SIX, kernel, True), kernel, 6000, SIX.L, steps=32, strides=1,
-                    generator=torch.Generator().manual_seed(3), x0_dist=SIX.token_marginal(), corrector_steps=1)
+    res = sample("blockwise", exact_denoiser(SIX, kernel, latent), kernel, 6000, SIX.L, 32, latent, seed=3,
+                 x0_dist=SIX.token_marginal(), corrector_steps=1)
     assert res.nfe <= 32 + 31
     assert empirical_tv(SIX, res.ids) < 0.06
 
@@ -230,7 +254,7 @@ def test_truncate_keeps_the_top_k_then_the_nucleus():
 def test_cached_ancestral_is_bit_identical_to_plain_with_fewer_network_calls():
     toy = Toy(V=4, L=3)
     kernel = masking(toy.vocab, mask_id=toy.V)
-    runs = [ancestral(toy.denoiser(kernel), kernel, 4, toy.L, 64, torch.Generator().manual_seed(5), cache=c)
+    runs = [sample("ancestral", toy.denoiser(kernel), kernel, 4, toy.L, 64, False, seed=5, cache=c)
             for c in (True, False)]
     assert torch.equal(runs[0].ids, runs[1].ids)
     assert runs[1].nfe == 64 and runs[0].nfe <= 12  # 12 positions: at most 12 steps reveal something
@@ -238,21 +262,44 @@ def test_cached_ancestral_is_bit_identical_to_plain_with_fewer_network_calls():
 
 @pytest.mark.parametrize("name", ["uniform", "semdlm_plus"])
 def test_the_literal_reading_of_eq_121_does_not_converge_but_the_model_step_does(name):
-    # docs/samplers.md: replacing x_t^i, w.p. (p_t - p_s) / p_t, by a fresh draw from q_s(. | x^_0) leaves the
-    # tokens off the noise level the denoiser is told; the model's own reverse step (ours) is exact
+    # docs/samplers.md: sampler.projection replaces x_t^i, w.p. (p_t - p_s) / p_t, by a fresh draw from
+    # q_s(. | x^_0), which leaves the tokens off the noise level the denoiser is told; the model's own reverse step
+    # (the default) is exact. The exact posterior of the paper's model, rho = 0, one stride
     kernel = kernels()[name]
-    denoise, n = SIX.denoiser(kernel), 6000
     literal, ours = [], []
     for steps in (16, 128):
-        gen = torch.Generator().manual_seed(4)
-        x = kernel.sample_prior((n, SIX.L), SIX.token_marginal(), gen)[0]
-        grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-        for k in range(steps):
-            t, s = float(grid[k]), float(grid[k + 1])
-            x0_hat = categorical(denoise(x, torch.full((n,), t)).reshape(n * SIX.L, -1), gen).view(n, SIX.L)
-            fresh = kernel.sample_xt(x0_hat, torch.full((n,), s, dtype=torch.float64), gen)
-            x = torch.where(torch.rand(n, SIX.L, dtype=torch.float64, generator=gen) < (t - s) / t, fresh, x)
-        literal.append(empirical_tv(SIX, x))
-        ours.append(empirical_tv(SIX, blockwise(denoise, kernel, n, SIX.L, steps, 1, torch.Generator().manual_seed(4),
-                                                x0_dist=SIX.token_marginal(), latent=False).ids))
+        for projection, out in ((True, literal), (False, ours)):
+            res = sample("blockwise", SIX.denoiser(kernel), kernel, 6000, SIX.L, steps, False, seed=4,
+                         x0_dist=SIX.token_marginal(), projection=projection)
+            out.append(empirical_tv(SIX, res.ids))
     assert min(literal) > 0.08 and max(ours) < 0.05, (literal, ours)
+
+
+def test_revisions_count_every_change_of_a_position_after_it_first_held_a_data_token():
+    # the paper's model calls the network at every step with the current tokens: recount the changes between calls
+    kernel, seen = kernels()["semdlm_plus"], []
+    res = sample("ancestral", denoise_recording(SIX.denoiser(kernel), seen), kernel, 500, SIX.L, 8, False,
+                 x0_dist=SIX.token_marginal())
+    path = torch.stack([*seen, res.ids])
+    torch.testing.assert_close(res.revisions, (path[1:] != path[:-1]).sum(0))
+    mask, seen = masking(SIX.vocab, SIX.vocab - 1), []
+    res = sample("ancestral", denoise_recording(SIX.denoiser(mask), seen), mask, 500, SIX.L, 8, False, cache=False)
+    path = torch.stack([*seen, res.ids])
+    held = (path[:-1] != mask.mask_id).cummax(0).values  # a data token was shown before this change
+    torch.testing.assert_close(res.revisions, ((path[1:] != path[:-1]) & held).sum(0))
+
+
+def denoise_recording(denoise, seen: list):
+    def recorded(x, t, state):
+        seen.append(x.clone())
+        return denoise(x, t, state)
+
+    return recorded
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "blockwise"])
+def test_with_the_exact_posterior_mask_never_revises_and_uniform_and_semdlm_plus_do(sampler):
+    revisions = {name: run_sampler(sampler, name, False, SIX.denoiser(kernels()[name]), 16, num=4000).mean_revisions
+                 for name in ("mask", "uniform", "semdlm_plus")}
+    assert revisions["mask"] == 0.0
+    assert revisions["uniform"] > 0.1 and revisions["semdlm_plus"] > 0.1, revisions

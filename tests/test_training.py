@@ -180,8 +180,8 @@ def test_a_train_state_saved_and_loaded_resumes_bitwise():
 
 def test_the_sharded_mean_is_the_mean_of_the_block_means_weighted_by_their_sizes():
     values = torch.arange(10, dtype=torch.float64) ** 2
-    got = sharded_mean(lambda k, rows: float(values[rows].mean()), 10, 4)  # blocks of 4, 4 and 2
-    assert got == pytest.approx(float(values.mean()), rel=1e-12)
+    got = sharded_mean(lambda k, rows: [float(values[rows].mean()), float(-values[rows].mean())], 10, 4, width=2)
+    assert got == pytest.approx([float(values.mean()), -float(values.mean())], rel=1e-12)  # blocks of 4, 4 and 2
 
 
 def test_model_pt_round_trips_weights_only_with_its_run_metadata(tmp_path):
