@@ -106,7 +106,8 @@ def run_paper(args: argparse.Namespace, device: torch.device) -> dict:
     precision = raw["train"]["precision"]
     V = args.vocab
     gen = torch.Generator().manual_seed(0)
-    plus_cfg = section(KernelConfig, raw.get("kernels", {}).get("semdlm_plus"), "kernels.semdlm_plus")
+    plus_cfg = section(KernelConfig, {"type": "semdlm_plus", **(raw.get("kernels", {}).get("semdlm_plus") or {})},
+                       "kernels.semdlm_plus")
     plus = random_kernel("semdlm_plus", plus_cfg, V, gen)
     kernels = {"mask": on_device(masking(V, V - 1), device), "semdlm_plus": on_device(plus, device)}
     sims = torch.rand(plus.neighbours.shape, dtype=torch.float64, generator=gen)  # random graph similarities

@@ -164,6 +164,9 @@ _BOTH = {
     "sampler.name": "blockwise", "sampler.strides": 2,  # Sec. 5.1 "semi-autoregressive sampler", "2" strides
     "sampler.steps": 128,  # Table 3: one of its step counts
     "eval.model": "gpt2-large",  # Sec. 5.1 "Generation PPL is measured by GPT-2-Large"
+    # Tables 2-3's models: MDLM, the uniform D3PM and SemDLM+, each with a denoiser of x_t alone (Sec. 2, App. E.1)
+    **{f"kernels.{k}.{key}": v for k in ("mask", "uniform", "semdlm_plus")
+       for key, v in (("type", k), ("latent_state", False))},
 }
 PAPER_STATES = {
     "lm1b": {**_BOTH, "data.source": "lm1b", "data.seq_len": 128, "kernels.semdlm_plus.nu": "uniform"},

@@ -206,7 +206,8 @@ def project(tmp_path_factory, evaluator_dir) -> Path:
     of the law and 6 with a [MASK] left in them."""
     from pipeline import evaluate, evaluator, prior, tokenize
     from pipeline.artifacts import load_split, load_vocab
-    from pipeline.common import load_params, write_parquet
+    from pipeline.common import write_parquet
+    from semdlm.config import load_params
     from tests.tiny import write_params
 
     ws = tmp_path_factory.mktemp("synthetic")
