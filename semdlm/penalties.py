@@ -12,9 +12,12 @@ Every tensor made here lives on the device of the inputs (the logits' for the [N
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from semdlm.samplers import Transform
+if TYPE_CHECKING:  # a type only: the metrics that count window tokens need no sampler
+    from semdlm.samplers import Transform
 
 
 def window_tokens(x: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
