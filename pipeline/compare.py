@@ -24,7 +24,7 @@ from pipeline.figures import save_figure  # noqa: E402
 from pipeline.tables import markdown_table  # noqa: E402
 from pipeline.track import EXPERIMENT, tracking_uri  # noqa: E402
 
-STEP_METRICS = ("gen_ppl", "entropy", "below_min_entropy")
+COMPARED = ("gen_ppl", "entropy", "below_min_entropy")
 PARAMS = {"params.sampler.lambda_freq": "lambda_freq", "params.sampler.lambda_sem": "lambda_sem",
           "params.sampler.name": "sampler", "params.eval.model": "evaluator"}
 
@@ -52,11 +52,11 @@ def table(runs: pd.DataFrame, uri: str) -> pd.DataFrame:
     client = MlflowClient(uri)
     rows = []
     for _, run in runs.iterrows():
-        history = {m: {h.step: h.value for h in client.get_metric_history(run["run_id"], m)} for m in STEP_METRICS}
+        history = {m: {h.step: h.value for h in client.get_metric_history(run["run_id"], m)} for m in COMPARED}
         base = {"run": run["tags.mlflow.runName"], "dvc_exp": run["tags.dvc_exp"], "kernel": run["tags.kernel"],
                 **{short: run.get(col) for col, short in PARAMS.items()}}
         for steps in sorted(history["gen_ppl"]):
-            rows.append({**base, "steps": steps, **{m: history[m].get(steps) for m in STEP_METRICS}})
+            rows.append({**base, "steps": steps, **{m: history[m].get(steps) for m in COMPARED}})
     df = pd.DataFrame(rows)
     for col in ("lambda_freq", "lambda_sem"):
         df[col] = df[col].astype(float)
@@ -128,7 +128,7 @@ def against(runs: pd.DataFrame, x: str) -> pd.DataFrame:
     gen = {c: int(m.group(1)) for c in runs.columns if (m := re.fullmatch(r"metrics\.gen_ppl_(\d+)steps", c))}
     g = runs.dropna(subset=[col]).drop_duplicates(["tags.kernel", col])  # newest first
     df = pd.DataFrame({"kernel": g["tags.kernel"], x: g[col], "val_ppl": g["metrics.val_ppl"],
-                       **{f"gen_ppl@{steps}": g[c] for c, steps in sorted(gen.items(), key=lambda kv: kv[1])}})
+                       **{c.removeprefix("metrics."): g[c] for c, _ in sorted(gen.items(), key=lambda kv: kv[1])}})
     numeric = pd.to_numeric(df[x], errors="coerce")
     if numeric.notna().all():
         df[x] = numeric
@@ -137,12 +137,12 @@ def against(runs: pd.DataFrame, x: str) -> pd.DataFrame:
 
 def plot_against(df: pd.DataFrame, x: str, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    gen_cols = [c for c in df.columns if c.startswith("gen_ppl@")]
+    gen_cols = {c: int(m.group(1)) for c in df.columns if (m := re.fullmatch(r"gen_ppl_(\d+)steps", c))}
     for kernel, g in df.groupby("kernel", sort=True):
         xs = g[x] if pd.api.types.is_numeric_dtype(df[x]) else g[x].astype(str)
         axes[0].plot(xs, g["val_ppl"], marker="o", label=kernel)
-        for c in gen_cols:
-            axes[1].plot(xs, g[c], marker="o", label=f"{kernel} @{c.split('@')[1]} steps")
+        for c, steps in gen_cols.items():
+            axes[1].plot(xs, g[c], marker="o", label=f"{kernel} @{steps} steps")
     for ax, name in zip(axes, ("validation PPL (bound)", "gen PPL"), strict=True):
         ax.set_yscale("log")
         ax.set_xlabel(x)

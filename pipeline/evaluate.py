@@ -114,9 +114,9 @@ def run(cfg: EvalConfig, kernel_name: str) -> None:
         ids = [list(r) for r in g["ids"]]
         by_steps[str(steps)] = {**score(e, vocab, ids, cfg, f"evaluate@{kernel_name} {steps}"),
                                 **truth_of(law, vocab, ids)}
-    write_json(metrics_dir(kernel_name) / "eval.json", {**provenance(cfg, len(df["ids"].iloc[0])),
-                                                        "device": str(e.device), "wall_s": time.perf_counter() - start,
-                                                        "by_steps": by_steps})
+    write_json(metrics_dir(kernel_name) / "eval.json", {
+        **provenance(cfg, len(df["ids"].iloc[0])), "device": str(e.device), "evaluate_s": time.perf_counter() - start,
+        "by_steps": by_steps})
 
 
 def reference(cfg: EvalConfig, seed: int = 0) -> None:

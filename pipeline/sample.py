@@ -57,8 +57,8 @@ def run(params: Params, kernel_name: str) -> None:
                                                    transform, device, params.train.precision, latent)
         frames.append(pd.DataFrame({"steps": steps, "sample": range(len(ids)), "ids": ids,
                                     "text": decode(vocab, ids)}))
-        by_steps[str(steps)] = {"nfe_per_batch": nfe_per_batch, "wall_s": wall, "samples_per_s": cfg.num_samples / wall,
-                                "revisions": revisions,
+        by_steps[str(steps)] = {"nfe_per_batch": nfe_per_batch, "sample_s": wall,
+                                "samples_per_s": cfg.num_samples / wall, "revisions": revisions,
                                 "semantic_repetition": semantic_repetition(torch.tensor(ids), graph[0],
                                                                            graph[0].shape[1], cfg.window)}
     write_parquet(samples_path(kernel_name), pd.concat(frames, ignore_index=True))
@@ -69,7 +69,7 @@ def run(params: Params, kernel_name: str) -> None:
         "revisions_label": "mean changes of a position's token after it first held a data token (0 for mask)",
         "semantic_repetition_label": (f"share of tokens with themselves or one of their {graph[0].shape[1]} graph "
                                       f"neighbours within {cfg.window} positions (sampler.window)"),
-        "wall_s": sum(r["wall_s"] for r in by_steps.values()), "by_steps": by_steps,
+        "sample_s": sum(r["sample_s"] for r in by_steps.values()), "by_steps": by_steps,
     })
 
 

@@ -24,7 +24,7 @@ import pandas as pd
 
 from pipeline.artifacts import DISPERSION, PRIOR_METRICS, REFERENCE, REPORTS, metrics_dir, samples_path
 from pipeline.common import StageError, read_json
-from pipeline.results import collect
+from pipeline.results import PER_KERNEL, PER_STEPS, collect, flat_name
 from semdlm.config import Params
 
 EXPERIMENT = "semdlm"
@@ -97,7 +97,8 @@ KERNEL_VIEW = "kernel-runs"  # the UI opens it at #/experiments/<id>/runs?viewSt
 def kernel_view(steps: list[int], now: int) -> str:
     """A saved view of the MLflow UI (experiment tag ``mlflow.sharedViewState.<id>``, listed under "Views"): the
     kernel runs only, sorted by gen PPL at the largest step count, with the headline metrics as columns."""
-    metrics = ["val_ppl", *(flat_name(m, s) for s in steps for m in FLAT_METRICS)]
+    metrics = ["val_ppl", "val_denoising_ppl", *(flat_name(m, s) for s in steps for m in ("gen_ppl", "entropy",
+                                                                                            "revisions"))]
     state = {"searchFilter": "tags.kernel != ''", "orderByKey": f"metrics.`{flat_name('gen_ppl', max(steps))}`",
              "orderByAsc": True,
              "selectedColumns": [f"params.`sampler.{p}`" for p in ("name", "lambda_freq", "lambda_sem")]
@@ -149,31 +150,32 @@ def numbers(d: dict) -> dict[str, float]:
     return {k: float(v) for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-RUN_METRICS = ("val_nelbo", "val_ppl", "tokens_per_s", "train_s", "parameters", "train_tokens", "train_steps",
-               "evaluate_s")
-STEP_METRICS = ("gen_ppl", "entropy", "distinct_1", "distinct_2", "distinct_3", "repeated_4gram",
-                "below_min_entropy", "eval_tokens", "num_texts", "nfe", "sample_s")
-FLAT_METRICS = ("gen_ppl", "entropy")  # also logged per step count under a flat name (flat_name)
-DISPERSION_METRICS = ("dispersion", "mean_posterior_entropy", "grad_var_between", "grad_noise")
-
-
-def flat_name(metric: str, steps: int) -> str:
-    return f"{metric}_{steps}steps"
+RUN_METRICS = ("val_nelbo", "val_nelbo_ctmc", "val_denoising_ce", "tokens_per_s", "train_s", "parameters",
+               "train_tokens", "train_steps", "evaluate_s", *PER_KERNEL)  # one value per kernel run
+# per sampling-step count, logged with MLflow's step = the step count (a kernel run's chart of gen_ppl is Fig. 7)
+HISTORY_METRICS = ("gen_ppl", "entropy", "distinct_1", "distinct_2", "distinct_3", "repeated_4gram",
+                   "semantic_repetition", "revisions", "below_min_entropy", "eval_tokens", "num_texts", "nfe",
+                   "sample_s", "true_nll", "true_ppl", "zero_prob_share", "true_nll_minus_entropy")
+DISPERSION_METRICS = ("dispersion", "mean_posterior_entropy", "grad_var_between", "grad_noise", "dispersion_s")
 
 
 def kernel_metrics(rows: pd.DataFrame, disp: dict, now: int) -> list:
-    """A kernel's report rows as MLflow metrics named like the report's columns. Per-step-count metrics are
-    logged with step = sampling steps (the UI plots Fig. 7; the latest value is the largest step count), and the
-    headline ones once more under flat names for the runs table: gen_ppl_48steps, entropy_48steps."""
+    """A kernel's report rows as MLflow metrics named as in results.csv. Per-step-count metrics are logged with
+    step = sampling steps (the UI plots Fig. 7; the latest value is the largest step count), and the headline ones
+    once more under summary.json's flat names for the runs table: gen_ppl_48steps, entropy_48steps, ... A number
+    the kernel does not have (e.g. no continuous-time bound) is not logged."""
     from mlflow.entities import Metric
 
+    def known(r: pd.Series, m: str) -> bool:
+        return m in r and pd.notna(r[m])
+
     top = rows.loc[rows["steps"].idxmax()]
-    batch = [Metric(m, float(top[m]), now, 0) for m in RUN_METRICS]
+    batch = [Metric(m, float(top[m]), now, 0) for m in RUN_METRICS if known(top, m)]
     batch += [Metric(m, float(disp[m]), now, 0) for m in DISPERSION_METRICS]
-    batch += [Metric("dispersion_s", float(disp["wall_s"]), now, 0)]
-    batch += [Metric(m, float(r[m]), now, int(r["steps"])) for _, r in rows.iterrows() for m in STEP_METRICS]
+    batch += [Metric(m, float(r[m]), now, int(r["steps"])) for _, r in rows.iterrows() for m in HISTORY_METRICS
+              if known(r, m)]
     batch += [Metric(flat_name(m, int(r["steps"])), float(r[m]), now, 0) for _, r in rows.iterrows()
-              for m in FLAT_METRICS]
+              for m in PER_STEPS if known(r, m)]
     return batch
 
 
@@ -193,6 +195,8 @@ def _log_child(client, exp_id: str, parent_id: str, run_name: str, tags: dict, p
     run = client.create_run(exp_id, run_name=f"{run_name}/{k}", tags={
         **tags, "mlflow.parentRunId": parent_id, "kernel": k, "sampler": str(rows["sampler"].iloc[0]),
         "evaluator": str(rows["evaluator"].iloc[0]), "eval_dtype": str(rows["eval_dtype"].iloc[0]),
+        "model": str(rows["model"].iloc[0]), "kernel_type": str(rows["kernel_type"].iloc[0]),
+        "bound": str(rows["bound"].iloc[0]), "bound_label": str(rows["bound_label"].iloc[0]),
         **version_tags(trained_with(k))})
     now = int(time.time() * 1000)
     batch = kernel_metrics(rows, disp, now)
@@ -249,6 +253,6 @@ def run(params: Params) -> None:
     client.set_experiment_tag(exp_id, f"mlflow.sharedViewState.{KERNEL_VIEW}",
                               kernel_view(sorted({int(n) for n in models["steps"]}), now))
     for k in params.kernels:
-        _log_child(client, exp_id, pid, run_name, tags, flat, k, models[models["row"] == k], disp[k])
+        _log_child(client, exp_id, pid, run_name, tags, flat, k, models[models["kernel"] == k], disp[k])
     client.set_terminated(pid)
     print(f"logged {run_name} with {len(params.kernels)} kernel run(s) to {uri}")

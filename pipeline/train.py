@@ -153,7 +153,7 @@ class Checkpoint:
                 f"checkpoint {self.path} is corrupted ({e.__class__.__name__}); delete it to train from scratch"
             ) from None
         if state.get("fingerprint") != self.fp:
-            print(f"note: {self.path} was written with other params; training from scratch")
+            print(f"note: {self.path} was written with other params or an older version; training from scratch")
             return None
         return state
 
@@ -341,7 +341,7 @@ def check_losses(job: Job, state: TrainState, losses: list[torch.Tensor], last_g
 def log_step(state: TrainState, cfg: TrainConfig, seq_len: int, seconds: float) -> None:
     """Count a step's wall time and tokens; at a log step (and the last) close the log window into train_log."""
     total, tokens, window_s = state.window
-    state.train_seconds += seconds
+    state.train_s += seconds
     tokens, window_s = tokens + cfg.batch_size * seq_len, window_s + seconds
     if state.step % cfg.log_every == 0 or state.step == cfg.steps:
         n = cfg.log_every if state.step % cfg.log_every == 0 else state.step % cfg.log_every
@@ -405,9 +405,9 @@ def finish(job: Job, state: TrainState, final: dict[str, float]) -> None:
         "val_ppl": math.exp(val_nelbo),
         "unigram_valid_ce": job.unigram_ce,
         "val_nelbo_minus_unigram": val_nelbo - job.unigram_ce,
-        "tokens_per_s": tokens / state.train_seconds,
+        "tokens_per_s": tokens / state.train_s,
         "train_tokens": tokens,
-        "train_seconds": state.train_seconds,
+        "train_s": state.train_s,
         **{e.key: final[e.key] for e in reported[1:]},
         "val_denoising_ppl": math.exp(final["val_denoising_ce"]),
         "denoising_ppl_label": DENOISING,

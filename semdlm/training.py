@@ -40,10 +40,14 @@ RUNTIME_FIELDS = ("devices", "grad_accum", "device", "precision", "compile", "th
 # fingerprint: how a run is computed, not what (precision and device are recorded in train.json instead)
 
 
+CHECKPOINT_FORMAT = 2  # raised when TrainState's fields change: an older checkpoint is then not resumed
+
+
 def fingerprint(params: Params, kernel: str, vocab_size: int, seq_len: int) -> str:
-    """Identity of a training run: a checkpoint is only resumed by a run with the same fingerprint."""
+    """Identity of a training run: a checkpoint is only resumed by a run with the same fingerprint (the same params
+    and checkpoint format)."""
     train = {k: v for k, v in asdict(params.train).items() if k not in RUNTIME_FIELDS}
-    blob = {"model": asdict(params.model), "train": train, "kernel": kernel,
+    blob = {"format": CHECKPOINT_FORMAT, "model": asdict(params.model), "train": train, "kernel": kernel,
             "kernel_cfg": asdict(params.kernels[kernel]), "vocab_size": vocab_size, "seq_len": seq_len}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -215,10 +219,10 @@ class TrainState:
     step: int = 0
     train_log: list[dict] = field(default_factory=list)
     val_log: list[dict] = field(default_factory=list)
-    train_seconds: float = 0.0
+    train_s: float = 0.0
     window: tuple[float, int, float] = (0.0, 0, 0.0)
 
-    VALUES = ("step", "train_log", "val_log", "train_seconds", "window")  # saved as they are
+    VALUES = ("step", "train_log", "val_log", "train_s", "window")  # saved as they are
 
     @classmethod
     def new(cls, model: nn.Module, cfg: TrainConfig) -> TrainState:

@@ -26,7 +26,7 @@ SAMPLING_SIDE = {"sample@mask", "evaluate@mask", "sample@semdlm_plus", "evaluate
                  "track"}
 # Keys (JSON) and columns (TSV) of the metrics files that are wall-clock measurements of the machine, not results
 # of the experiment: excluded when two runs are compared (docs/reliability.md).
-WALL_TIME_KEYS = frozenset({"train_seconds", "tokens_per_s", "wall_s", "samples_per_s"})
+WALL_TIME_KEYS = frozenset({"train_s", "tokens_per_s", "sample_s", "samples_per_s", "evaluate_s", "dispersion_s"})
 
 
 def env(cwd: Path) -> dict[str, str]:

@@ -218,7 +218,7 @@ def test_two_queued_experiments_run_in_parallel_and_land_apart_in_mlflow(queued)
         for k, child in kids.items():  # each child holds its own experiment's numbers, complete
             assert child.info.status == "FINISHED"
             assert child.data.params["sampler.lambda_sem"] == str(lam)
-            assert child.data.metrics["gen_ppl"] == child.data.metrics["gen_ppl_4steps"] == summary[k]["gen_ppl@4"]
+            assert child.data.metrics["gen_ppl"] == child.data.metrics["gen_ppl_4steps"] == summary[k]["gen_ppl_4steps"]
             assert child.data.metrics["val_ppl"] == summary[k]["val_ppl"]
             assert "curve.loss" in child.data.metrics
 
@@ -228,8 +228,8 @@ def test_exp_show_only_changed_and_exp_diff_fit_one_screen(queued):
     entropy at each step count (+ the validation PPL with --keep), no wall time, no string."""
     repo = queued
     summaries = [e["metrics"]["results/summary.json"] for e in experiments(repo).values()]
-    per_kernel = [f"{k}.{m}@4" for k in ("mask", "semdlm_plus") for m in ("gen_ppl", "entropy")
-                  if summaries[0][k][f"{m}@4"] != summaries[1][k][f"{m}@4"]]  # --only-changed drops equal ones
+    per_kernel = [f"{k}.{m}_4steps" for k in ("mask", "semdlm_plus") for m in ("gen_ppl", "entropy")
+                  if summaries[0][k][f"{m}_4steps"] != summaries[1][k][f"{m}_4steps"]]  # --only-changed drops equal
     assert len(per_kernel) >= 2, summaries
     header = sh("dvc", "exp", "show", "--only-changed", "--csv", cwd=repo).splitlines()[0].split(",")
     assert len(header) <= 40 and "sampler.lambda_sem" in header and set(per_kernel) <= set(header), header
@@ -244,10 +244,11 @@ def test_exp_show_only_changed_and_exp_diff_fit_one_screen(queued):
 
 
 def test_exp_diff_at_the_default_params_prints_a_row_per_kernel_step_count_and_metric(tmp_path):
-    """README "Driving experiments": with the embedded default (4 kernels, sampler.steps [16, 48]) a lambda_sem
-    experiment changes gen PPL and entropy of every kernel at every step count, and `dvc exp diff` (no target or key
-    filter in DVC 3) prints a row per changed leaf: 2 x 4 x 2 + 4 = 20 lines, over issue 16's 15. The repository's
-    dvc.yaml and params.yaml, the summary layout of pipeline.summary, made-up numbers: no stage runs."""
+    """docs/experiments.md: with the embedded default (4 kernels, sampler.steps [16, 48]) a lambda_sem experiment
+    changes gen PPL, entropy, semantic repetition and revisions of every kernel at every step count (mask's
+    revisions stay 0), and `dvc exp diff` (no target or key filter in DVC 3) prints a row per changed leaf:
+    (4 x 4 - 1) x 2 + 4 = 34 lines. The repository's dvc.yaml and params.yaml, the summary layout of
+    pipeline.summary, made-up numbers: no stage runs."""
     from pipeline.summary import SUMMARY, summary
 
     repo = tmp_path / "repo"
@@ -256,11 +257,13 @@ def test_exp_diff_at_the_default_params_prints_a_row_per_kernel_step_count_and_m
         shutil.copy(REPO / name, repo / name)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     kernels, steps = list(params["kernels"]), params["sampler"]["steps"]
-    assert (len(kernels), len(steps)) == (4, 2), (kernels, steps)  # the default the README measures
+    assert (len(kernels), len(steps)) == (4, 2), (kernels, steps)  # the default the docs measure
 
     def results(lam: float) -> None:
-        df = pd.DataFrame([{"kernel": k, "steps": s, "val_ppl": 600.0 + i, "gen_ppl": 1500.0 + 100 * lam + s + i,
-                            "entropy": 3.8 + lam / 10 + i / 100} for i, k in enumerate(kernels) for s in steps])
+        df = pd.DataFrame([{"kernel": k, "steps": s, "val_ppl": 600.0 + i, "val_denoising_ppl": 300.0 + i,
+                            "gen_ppl": 1500.0 + 100 * lam + s + i, "entropy": 3.8 + lam / 10 + i / 100,
+                            "revisions": 0.0 if k == "mask" else 2.0 + lam + i, "semantic_repetition": 0.3 + lam / 10}
+                           for i, k in enumerate(kernels) for s in steps])
         (repo / SUMMARY).parent.mkdir(exist_ok=True)
         (repo / SUMMARY).write_text(json.dumps(summary(df)))
 
@@ -272,12 +275,13 @@ def test_exp_diff_at_the_default_params_prints_a_row_per_kernel_step_count_and_m
     results(0.5)
     commit(repo, "lambda_sem 0.5")
     diff = sh("dvc", "exp", "diff", "HEAD~1", "HEAD", cwd=repo).strip().splitlines()
-    changed = [f"{k}.{m}@{s}" for k in kernels for s in steps for m in ("gen_ppl", "entropy")]
+    changed = [f"{k}.{m}_{s}steps" for k in kernels for s in steps
+               for m in ("gen_ppl", "entropy", "semantic_repetition", "revisions") if (k, m) != ("mask", "revisions")]
     rows = [line.split()[1] for line in diff if line.startswith(str(SUMMARY))]
     assert sorted(rows) == sorted(changed), diff
     assert [line.split()[:2] for line in diff if line.startswith("params.yaml")] == [["params.yaml",
                                                                                        "sampler.lambda_sem"]], diff
-    assert len(diff) == 2 * len(kernels) * len(steps) + 4 == 20, diff  # + 2 headers, a blank line, the param
+    assert len(diff) == len(changed) + 4 == 34, diff  # + 2 headers, a blank line, the param
 
 
 def test_a_typo_in_a_dash_s_key_stops_dvc_exp_run_naming_the_key(baseline, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -85,13 +86,17 @@ def test_report_rebuilt_from_the_same_metrics_is_byte_identical(ws):
     assert (ws / "reports/report.md").read_bytes() == first
 
 
-def test_summary_holds_val_ppl_gen_ppl_and_entropy_per_kernel_and_step_count_and_nothing_else(ws):
+def test_summary_holds_the_bounds_and_per_step_count_gen_ppl_entropy_and_repair_per_kernel_and_nothing_else(ws):
     invoke("summary")
     summary = json.loads((ws / "results/summary.json").read_text())
     train = json.loads((ws / "metrics/mask/train.json").read_text())
     evals = json.loads((ws / "metrics/mask/eval.json").read_text())["by_steps"]
-    assert summary == {"mask": {"val_ppl": train["val_ppl"], **{f"{m}@{s}": evals[s][m] for s in ("2", "4")
-                                                                for m in ("gen_ppl", "entropy")}}}
+    samples = json.loads((ws / "metrics/mask/sample.json").read_text())["by_steps"]
+    assert summary == {"mask": {
+        "val_ppl": train["val_ppl"], "val_ppl_ctmc": math.exp(train["val_nelbo_ctmc"]),
+        "val_denoising_ppl": train["val_denoising_ppl"],
+        **{f"{m}_{s}steps": evals[s][m] for s in ("2", "4") for m in ("gen_ppl", "entropy")},
+        **{f"{m}_{s}steps": samples[s][m] for s in ("2", "4") for m in ("revisions", "semantic_repetition")}}}
     generation = pd.read_csv(ws / "results/generation.tsv", sep="\t")
     assert list(generation["steps"]) == [2, 4] and list(generation["kernel"]) == ["mask", "mask"]
 
@@ -105,7 +110,8 @@ def test_rows_below_min_entropy_are_marked_not_hidden_where_the_threshold_can_be
         invoke("reference")
         invoke("report")
         lines = (ws / "reports/report.md").read_text().splitlines()
-        header = next(i for i, ln in enumerate(lines) if ln.startswith("| kernel | ours: gen PPL @2"))  # Table 3
+        table3 = "| kernel | model | ours: gen PPL @2"
+        header = next(i for i, ln in enumerate(lines) if ln.startswith(table3))
         row = lines[header + 2]
         assert row.startswith("| mask | ")
         by_steps = json.loads((ws / "metrics/mask/eval.json").read_text())["by_steps"]
@@ -243,9 +249,9 @@ def test_compare_x_plots_val_ppl_and_gen_ppl_against_a_param_that_varies(tracked
     out = tmp_path / "compare"
     invoke("compare", "--out", str(out), "--tracking-uri", f"sqlite:///{tracked}", "--x", "sampler.lambda_sem")
     swept = pd.read_csv(out / "sweep_sampler.lambda_sem.csv")
-    assert list(swept.columns) == ["kernel", "sampler.lambda_sem", "val_ppl", "gen_ppl@2", "gen_ppl@4"]
+    assert list(swept.columns) == ["kernel", "sampler.lambda_sem", "val_ppl", "gen_ppl_2steps", "gen_ppl_4steps"]
     assert list(swept["sampler.lambda_sem"]) == [0.0, 0.5]  # newest run per value, sorted numerically
-    assert swept[["val_ppl", "gen_ppl@2", "gen_ppl@4"]].notna().all().all()
+    assert swept[["val_ppl", "gen_ppl_2steps", "gen_ppl_4steps"]].notna().all().all()
     assert (out / "sweep_sampler.lambda_sem.png").stat().st_size > 0
     assert "sweep_sampler.lambda_sem.png" in (out / "compare.md").read_text()
 
