@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 PARTS = ("repro", "train_step", "sampling")
-CPU_STAGES = ("tokenize", "graph", "prior", "evaluator", "report", "track")
+CPU_STAGES = ("tokenize", "graph", "prior", "evaluator_lm", "report", "track")
 
 
 def toy(work: Path) -> None:
@@ -60,7 +60,7 @@ def stage_row(name: str, seconds: float, train_device: str) -> dict:
         row["device"] = train_device
         if t:
             row["figure"] = (f"{t['tokens_per_s']:,.0f} tok/s; bound {t['val_nelbo']:.2f} vs unigram "
-                             f"{t['unigram_valid_ce']:.2f} nats/token")
+                             f"{t['unigram_validation_ce']:.2f} nats/token")
     elif kind == "sample":
         s = read(metrics / "sample.json")
         row["device"] = s.get("device", "?")

@@ -63,7 +63,7 @@ def run_sampler(name: str, denoise: Denoise, latent: bool, kernel: Kernel, num: 
     sampler = "ancestral" if name == "ancestral_plain" else name
     run_cfg = dataclasses.replace(cfg, name=sampler, steps=S, corrector_steps=0, cache=name == "ancestral",
                                   projection=cfg.projection and sampler == "blockwise")
-    return get_sampler(sampler)(denoise, kernel, run_cfg, num, L, latent=latent, generator=gen, x0_dist=x0,
+    return get_sampler(sampler)(denoise, kernel, run_cfg, num, L, latent=latent, generator=gen, unigram=x0,
                                 transform=transform)
 
 

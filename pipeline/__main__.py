@@ -28,7 +28,7 @@ KernelOpt = typer.Option(..., "--kernel", "-k", help="kernel name: a key of the 
 @app.command()
 @stage
 def tokenize(params: str = ParamsOpt) -> None:
-    """Tokenize the corpus ([bold]data[/] section) into packed train/valid sequences."""
+    """Tokenize the corpus ([bold]data[/] section) into packed train/validation sequences."""
     from pipeline import tokenize as m
 
     m.run(load_params(params).data)
@@ -83,9 +83,9 @@ def sample(kernel: str = KernelOpt, params: str = ParamsOpt) -> None:
 
 @app.command()
 @stage
-def evaluator(params: str = ParamsOpt) -> None:
+def evaluator_lm(params: str = ParamsOpt) -> None:
     """Prepare the evaluator LM once ([bold]eval.model[/]) into models/evaluator/."""
-    from pipeline import evaluator as m
+    from pipeline import evaluator_lm as m
 
     m.prepare(load_params(params).eval)
 

@@ -39,9 +39,9 @@ def gradient(model: Denoiser, kernel: Kernel, x0: torch.Tensor, xt: torch.Tensor
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
-def measure(params: Params, kernel_name: str, vocab: Vocab, m: torch.Tensor, x0: torch.Tensor) -> dict:
-    """Fig. 3 numbers of one kernel on the device of ``x0`` (2 x dispersion.sequences validation rows); ``m`` is the
-    train unigram (the per-token data law of the posterior)."""
+def measure(params: Params, kernel_name: str, vocab: Vocab, unigram: torch.Tensor, x0: torch.Tensor) -> dict:
+    """Fig. 3 numbers of one kernel on the device of ``x0`` (2 x dispersion.sequences validation rows); ``unigram``:
+    the train unigram (the per-token data law of the posterior)."""
     cfg, device = params.dispersion, x0.device
     kernel = on_device(load_kernel(kernel_name, params, vocab), device)
     latent = params.kernels[kernel_name].latent_state
@@ -53,7 +53,7 @@ def measure(params: Params, kernel_name: str, vocab: Vocab, m: torch.Tensor, x0:
     h, ga, gb = [], [], []
     for t in times.tolist():
         xt, state = kernel.corrupt(x0, torch.full((x0.shape[0],), t, dtype=torch.float64, device=device), gen)
-        h.append(mean_posterior_entropy(kernel, m, xt, t, state if latent else None))
+        h.append(mean_posterior_entropy(kernel, unigram, xt, t, state if latent else None))
         ga.append(gradient(model, kernel, x0[:n], xt[:n], state[:n], t, params.train.precision, latent))
         gb.append(gradient(model, kernel, x0[n:], xt[n:], state[n:], t, params.train.precision, latent))
     h = torch.tensor(h, dtype=torch.float64)
@@ -66,13 +66,13 @@ def measure(params: Params, kernel_name: str, vocab: Vocab, m: torch.Tensor, x0:
 
 def run(params: Params) -> None:
     device = resolve_device(params.dispersion.device, "dispersion.device")
-    valid = load_split("valid")
-    if len(valid) < 2 * params.dispersion.sequences:
+    validation = load_split("validation")
+    if len(validation) < 2 * params.dispersion.sequences:
         raise StageError(
             f"dispersion.sequences={params.dispersion.sequences} needs {2 * params.dispersion.sequences} validation "
-            f"sequences but the valid split has {len(valid)}; lower dispersion.sequences"
+            f"sequences but the validation split has {len(validation)}; lower dispersion.sequences"
         )
     vocab = load_vocab()
-    m = load_unigram(vocab).to(device)
-    x0 = valid[: 2 * params.dispersion.sequences].to(device)
-    write_json(DISPERSION, {k: measure(params, k, vocab, m, x0) for k in params.kernels})
+    unigram = load_unigram(vocab).to(device)
+    x0 = validation[: 2 * params.dispersion.sequences].to(device)
+    write_json(DISPERSION, {k: measure(params, k, vocab, unigram, x0) for k in params.kernels})

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from pipeline import evaluator as ev
+from pipeline import evaluator_lm as ev
 from pipeline.artifacts import (
     REFERENCE,
     TOKENS,
@@ -38,7 +38,7 @@ from semdlm.config import EvalConfig
 from semdlm.metrics import GenPPL, diversity, gen_ppl, gen_ppl_mdlm, mdlm_rows, retokenize
 from semdlm.synthetic import RowLaw, truth_scores
 
-PROTOCOLS = {
+PROTOCOL_TEXT = {
     "mdlm": "MDLM compute_generative_perplexity: evaluator tokens with the tokenizer's defaults (GPT-2: no BOS), "
             "truncated to the model length, right-padded with EOS, every non-EOS token and the first EOS scored, "
             "token-weighted NLL",
@@ -95,7 +95,7 @@ def truth_of(law: RowLaw | None, vocab: Vocab, ids: list[list[int]] | torch.Tens
 def provenance(cfg: EvalConfig, seq_len: int) -> dict:
     """What every gen PPL is measured with: written beside the numbers in every metrics file."""
     return {"evaluator": cfg.model, "eval_dtype": cfg.dtype, "protocol": cfg.gen_ppl_protocol,
-            "protocol_detail": PROTOCOLS[cfg.gen_ppl_protocol], "min_entropy": cfg.min_entropy,
+            "protocol_detail": PROTOCOL_TEXT[cfg.gen_ppl_protocol], "min_entropy": cfg.min_entropy,
             "min_entropy_applies": entropy_threshold_applies(cfg, seq_len)}
 
 
@@ -122,18 +122,18 @@ def run(cfg: EvalConfig, kernel_name: str) -> None:
 def reference(cfg: EvalConfig, seed: int = 0) -> None:
     """Score held-out text and unigram samples (same length, count and decoding as model samples)."""
     vocab = load_vocab()
-    heldout = load_split("valid")
-    valid = heldout[: cfg.num_reference]
+    heldout = load_split("validation")
+    texts = heldout[: cfg.num_reference]
     count = load_prior()["count"].clone()
     count[vocab.mask] = 0.0
     gen = torch.Generator().manual_seed(seed)
-    unigram = torch.multinomial(count / count.sum(), valid.numel(), replacement=True, generator=gen).view(valid.shape)
+    unigram = torch.multinomial(count / count.sum(), texts.numel(), replacement=True, generator=gen).view(texts.shape)
     e, law = ev.load(cfg), truth_law()
     rows = {name: {**score(e, vocab, ids.tolist(), cfg, f"reference {name}"), **truth_of(law, vocab, ids)}
-            for name, ids in (("heldout_text", valid), ("unigram_samples", unigram))}
+            for name, ids in (("heldout_text", texts), ("unigram_samples", unigram))}
     if law is not None:  # the whole held-out split under the law: its true PPL estimates exp(H), within true_nll_se
         rows["truth"] = {"heldout_split": {**truth_of(law, vocab, heldout), "rows": len(heldout)},
                          "entropy_per_row": law.entropy(), "entropy_per_token": law.entropy() / law.seq_len,
                          "unigram_entropy_per_token": law.unigram_entropy()}
-    rows.update(provenance(cfg, valid.shape[1]), device=str(e.device))
+    rows.update(provenance(cfg, texts.shape[1]), device=str(e.device))
     write_json(REFERENCE, rows)

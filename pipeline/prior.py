@@ -13,11 +13,11 @@ from semdlm.config import PriorConfig
 from semdlm.prior import global_jump, smoothed_unigram, valid_mask
 
 
-def unigram_cross_entropy(train_counts: np.ndarray, valid_counts: np.ndarray, exclude: int) -> float:
+def unigram_cross_entropy(train_counts: np.ndarray, validation_counts: np.ndarray, exclude: int) -> float:
     """Validation cross-entropy (nats/token) of the add-one-smoothed train unigram (``exclude`` = [MASK])."""
-    seen = valid_counts > 0
+    seen = validation_counts > 0
     p = smoothed_unigram(train_counts, exclude)[seen]
-    return float(-(valid_counts[seen] * np.log(p)).sum() / valid_counts.sum())
+    return float(-(validation_counts[seen] * np.log(p)).sum() / validation_counts.sum())
 
 
 def split_counts(name: str, vocab_size: int) -> np.ndarray:
@@ -35,6 +35,6 @@ def run(cfg: PriorConfig) -> None:
     nu = global_jump(counts, valid, cfg.tau)
     write_parquet(PRIOR, pd.DataFrame({"id": range(vocab.size), "token": vocab.tokens, "count": counts,
                                        "valid": valid, "nu": nu}))
-    ce = unigram_cross_entropy(counts, split_counts("valid", vocab.size), vocab.mask)
-    write_json(PRIOR_METRICS, {"unigram_valid_ce": ce, "unigram_valid_ppl": math.exp(ce),
+    ce = unigram_cross_entropy(counts, split_counts("validation", vocab.size), vocab.mask)
+    write_json(PRIOR_METRICS, {"unigram_validation_ce": ce, "unigram_validation_ppl": math.exp(ce),
                                "valid_tokens": int(valid.sum()), "vocab_size": vocab.size})

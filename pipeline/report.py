@@ -19,7 +19,7 @@ from pipeline.tables import entropy_note, fmt, markdown_table, paper_note, table
 from pipeline.text import decode
 from semdlm.config import Params
 
-PACKINGS = {"wrap": "BD3-LM's wrap (every document followed by [CLS], rows [CLS] + L-2 tokens + [CLS])",
+PACKING_TEXT = {"wrap": "BD3-LM's wrap (every document followed by [CLS], rows [CLS] + L-2 tokens + [CLS])",
             "cls_sep": "[CLS] doc [SEP] per document, the stream cut into rows of L"}
 
 
@@ -39,7 +39,7 @@ def settings(params: Params, top: pd.Series) -> list[str]:
         "## Settings", "",
         f"- Evaluator `{top['evaluator']}` ({top['eval_dtype']}); gen PPL protocol `{top['protocol']}`: "
         f"{top['protocol_detail']} (eval.protocol; docs/evaluation.md).",
-        f"- Data packing `{params.data.packing}`: {PACKINGS[params.data.packing]} (data.packing).",
+        f"- Data packing `{params.data.packing}`: {PACKING_TEXT[params.data.packing]} (data.packing).",
         f"- Sampler `{sa.name}`, sampling steps {steps} (paper: 128/256/512 on LM1B, 128/256/512/1,024 on OWT; the "
         f"embedded default uses fewer so that `dvc repro` stays within its time budget), {sa.num_samples} samples of "
         f"{params.data.seq_len} tokens per step count, λ_freq = {sa.lambda_freq}, λ_sem = {sa.lambda_sem}.",
@@ -169,7 +169,7 @@ def run(params: Params) -> None:
     df = collect(params)
     if df.empty:
         raise StageError("no metrics to report; run `dvc repro` first")
-    unigram_ce = read_json(PRIOR_METRICS, "prior")["unigram_valid_ce"]
+    unigram_ce = read_json(PRIOR_METRICS, "prior")["unigram_validation_ce"]
     disp = read_json(DISPERSION, "dispersion")
     missing = [k for k in params.kernels if k not in disp]
     if missing:

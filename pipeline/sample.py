@@ -50,10 +50,10 @@ def run(params: Params, kernel_name: str) -> None:
         )
     model.to(device)
     graph = load_graph()
-    x0_dist, transform = load_unigram(vocab).to(device), penalty_on(cfg, graph, device)
+    unigram, transform = load_unigram(vocab).to(device), penalty_on(cfg, graph, device)
     frames, by_steps = [], {}
     for steps in cfg.step_counts:
-        ids, nfe_per_batch, wall, revisions = draw(model, kernel, dataclasses.replace(cfg, steps=steps), x0_dist,
+        ids, nfe_per_batch, wall, revisions = draw(model, kernel, dataclasses.replace(cfg, steps=steps), unigram,
                                                    transform, device, params.train.precision, latent)
         frames.append(pd.DataFrame({"steps": steps, "sample": range(len(ids)), "ids": ids,
                                     "text": decode(vocab, ids)}))
@@ -73,11 +73,11 @@ def run(params: Params, kernel_name: str) -> None:
     })
 
 
-def draw(model: Denoiser, kernel: Kernel, cfg: SamplerConfig, x0_dist: torch.Tensor | None,
+def draw(model: Denoiser, kernel: Kernel, cfg: SamplerConfig, unigram: torch.Tensor | None,
          transform: Transform | None, device: torch.device, precision: str,
          latent: bool) -> tuple[list[list[int]], float, float, float]:
     """``cfg.num_samples`` sequences at ``cfg.steps`` (one count): (ids, network calls per batch, wall s, revisions
-    per position). ``model``, ``kernel``, ``x0_dist`` and ``transform`` are on ``device``, where the generator is
+    per position). ``model``, ``kernel``, ``unigram`` and ``transform`` are on ``device``, where the generator is
     made; the network runs in the training ``precision``; ``latent``: the model sees each token's latent state."""
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     denoise = in_precision(model, device, precision)
@@ -92,7 +92,7 @@ def draw(model: Denoiser, kernel: Kernel, cfg: SamplerConfig, x0_dist: torch.Ten
         for first in range(0, cfg.num_samples, cfg.batch_size):
             n = min(cfg.batch_size, cfg.num_samples - first)
             advance = lambda n=n: bar.advance(task, n)  # noqa: E731 - one call per sampler step
-            res = sampler(denoise, kernel, cfg, n, model.seq_len, latent=latent, generator=gen, x0_dist=x0_dist,
+            res = sampler(denoise, kernel, cfg, n, model.seq_len, latent=latent, generator=gen, unigram=unigram,
                           transform=transform, on_step=advance)
             ids += res.ids.tolist()
             nfe += res.nfe

@@ -5,7 +5,7 @@ the packing's reference does it;
 OWT: its one split with the last 100k documents held out; WikiText-103: train / validation). They load by hub id,
 or from ``data.path``: a ``save_to_disk`` directory, a directory of parquet files (split name in the file or
 folder name; OWT: all files), or one parquet file. Every other source is read whole and split by document
-with ``data.valid_fraction`` and ``data.seed``.
+with ``data.validation_fraction`` and ``data.seed``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Named:
     hub: str
     config: str | None
     train: str
-    valid: str | None  # None: hold out the last documents of the train split
+    validation: str | None  # None: hold out the last documents of the train split
     detokenize: dict[str, Callable[[str], str] | None] | None = None  # by data.packing; None: raw text for both
 
 
@@ -47,7 +47,7 @@ Docs = Any  # list[str] or a (memory-mapped) datasets.Dataset: both have len() a
 
 @dataclass
 class Corpus:
-    splits: dict[str, Docs]  # "train" / "valid"
+    splits: dict[str, Docs]  # "train" / "validation"
     text_field: str
     detokenize: Callable[[str], str] | None = None
 
@@ -72,8 +72,8 @@ def open_corpus(cfg: DataConfig) -> Corpus:
         docs = docs[: cfg.max_docs]
     if len(docs) < 2:
         raise StageError(f"data.source={cfg.source!r} has {len(docs)} non-empty documents; need at least 2")
-    train_idx, valid_idx = split_documents(len(docs), cfg.valid_fraction, cfg.seed)
-    return Corpus({"train": [docs[i] for i in train_idx], "valid": [docs[i] for i in valid_idx]}, cfg.text_field)
+    train_idx, valid_idx = split_documents(len(docs), cfg.validation_fraction, cfg.seed)
+    return Corpus({"train": [docs[i] for i in train_idx], "validation": [docs[i] for i in valid_idx]}, cfg.text_field)
 
 
 def read_corpus(cfg: DataConfig) -> list[str]:
@@ -104,17 +104,17 @@ def _named(cfg: DataConfig, spec: Named) -> Corpus:
     train = split(spec.train)
     if cfg.max_docs:
         train = train.select(range(min(cfg.max_docs, len(train))))
-    if spec.valid is None:
-        n_valid = min(OWT_HELD_OUT, max(1, round(len(train) * cfg.valid_fraction)))
+    if spec.validation is None:
+        n_valid = min(OWT_HELD_OUT, max(1, round(len(train) * cfg.validation_fraction)))
         if len(train) < 2:
             raise StageError(f"data.source={cfg.source} at {where!r} has {len(train)} documents; need at least 2")
-        valid = train.select(range(len(train) - n_valid, len(train)))
+        validation = train.select(range(len(train) - n_valid, len(train)))
         train = train.select(range(len(train) - n_valid))
     else:
-        valid = split(spec.valid)
+        validation = split(spec.validation)
         if cfg.max_docs:
-            valid = valid.select(range(min(cfg.max_docs, len(valid))))
-    return Corpus({"train": train, "valid": valid}, cfg.text_field, detokenize)
+            validation = validation.select(range(min(cfg.max_docs, len(validation))))
+    return Corpus({"train": train, "validation": validation}, cfg.text_field, detokenize)
 
 
 def _named_split(datasets: Any, cfg: DataConfig, spec: Named, split: str) -> Any:
@@ -134,7 +134,7 @@ def _named_split(datasets: Any, cfg: DataConfig, spec: Named, split: str) -> Any
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
     in_split = [f for f in files if path.is_dir() and (split in f.relative_to(path).parts or f.name.startswith(split))]
-    named = in_split or (files if spec.valid is None else [])  # OWT: every file belongs to its one split
+    named = in_split or (files if spec.validation is None else [])  # OWT: every file belongs to its one split
     if not named:
         raise FileNotFoundError(f"no parquet file of split {split!r} under {path}")
     return datasets.Dataset.from_parquet([str(f) for f in named])

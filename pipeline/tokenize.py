@@ -5,7 +5,7 @@ gathered on the way, rows are packed (``data.packing``: BD3-LM's ``wrap`` or ``c
 of ``data.shard_sequences`` rows, so a corpus the size of OpenWebText never has to fit in memory. With the
 compact vocabulary the shards are re-mapped shard by shard once the counts are known. Text that spells a special
 token ("[MASK]", "[SEP]", ...) is encoded as ordinary text ("[", "mask", "]"): a special id only ever comes from
-the packing. Outs: data/tokens/{train,valid}/part-*.parquet and vocab.json.
+the packing. Outs: data/tokens/{train,validation}/part-*.parquet and vocab.json.
 
 ``data.source: synthetic`` has no documents: its rows are drawn from the seeded HMM language of
 semdlm/synthetic.py, one sequence per row, and written as the same shards and vocab.json; beside them the law
@@ -125,7 +125,7 @@ def _write_split(corpus: Corpus, split: str, cfg: DataConfig, out: Path, special
     if writer.rows == 0:
         raise StageError(
             f"the {split} split has no full sequence of data.seq_len={cfg.seq_len} tokens; "
-            "use a larger corpus, a smaller seq_len or a larger data.valid_fraction"
+            "use a larger corpus, a smaller seq_len or a larger data.validation_fraction"
         )
     return n_docs, writer
 
@@ -154,7 +154,7 @@ def run(cfg: DataConfig) -> None:
         tmp.mkdir()
         full_specials = dict(zip(names, special_full, strict=True))
         docs, writers = {}, {}
-        for split in ("train", "valid"):
+        for split in ("train", "validation"):
             docs[split], writers[split] = _write_split(corpus, split, cfg, tmp, full_specials,
                                                        counts if split == "train" else None)
         kept = compact_vocab(counts, cfg.min_count, special_full) if cfg.vocab == "compact" else np.arange(V_full)
@@ -220,7 +220,7 @@ def run_synthetic(cfg: DataConfig) -> None:
     """``data.source: synthetic``: rows [first] x_1 .. x_{L-2} [last] drawn from the language of ``data.synthetic``
     (semdlm/synthetic.py; first = [CLS], last = [SEP] for cls_sep, [CLS] for wrap). The compact vocabulary is the
     specials and every word of the language (its support, whatever the counts; ``data.min_count`` is not used),
-    so no row token becomes [UNK]. Train and valid rows come from two streams of ``data.seed``."""
+    so no row token becomes [UNK]. Train and validation rows come from two streams of ``data.seed``."""
     tok = assets.tokenizer()
     V_full = tok.get_vocab_size()
     tokens = [tok.id_to_token(i) for i in range(V_full)]
@@ -233,11 +233,11 @@ def run_synthetic(cfg: DataConfig) -> None:
             else np.arange(V_full))
     table = lookup_table(kept, V_full, unk_compact=int(np.flatnonzero(kept == full["unk"])[0]))
     total = cfg.synthetic.sequences
-    n_valid = min(max(1, round(total * cfg.valid_fraction)), total - 1)
+    n_valid = min(max(1, round(total * cfg.validation_fraction)), total - 1)
     with atomic(TOKENS) as tmp:
         tmp.mkdir()
         writers = {}
-        for stream, (split, n) in enumerate((("train", total - n_valid), ("valid", n_valid))):
+        for stream, (split, n) in enumerate((("train", total - n_valid), ("validation", n_valid))):
             rng = np.random.default_rng([cfg.seed, stream])
             writers[split] = ShardWriter(tmp / split, cfg.seq_len, cfg.shard_sequences, int(table[full["unk"]]))
             for start in range(0, n, SYNTHETIC_CHUNK):

@@ -169,7 +169,7 @@ class Job:
     kernel: Kernel  # on the CPU: the corruption runs there
     on_device: Kernel  # the loss and the bound run on the device
     train: np.ndarray
-    valid: np.ndarray
+    validation: np.ndarray
     unigram: torch.Tensor
     unigram_ce: float  # the prior stage's validation cross-entropy of the unigram, beside the bound in train.json
     ckpt: Checkpoint
@@ -201,10 +201,10 @@ class Job:
 def open_job(params: Params, kernel_name: str, dist: Dist) -> Job:
     vocab = load_vocab()
     kernel = load_kernel(kernel_name, params, vocab)
-    train, valid = shared_rows("train", dist), shared_rows("valid", dist)
-    unigram_ce = read_json(PRIOR_METRICS, "prior")["unigram_valid_ce"]
+    train, validation = shared_rows("train", dist), shared_rows("validation", dist)
+    unigram_ce = read_json(PRIOR_METRICS, "prior")["unigram_validation_ce"]
     fp = fingerprint(params, kernel_name, vocab.size, train.shape[1])
-    return Job(params, kernel_name, dist, vocab, kernel, kernel.to(dist.device), train, valid, load_unigram(vocab),
+    return Job(params, kernel_name, dist, vocab, kernel, kernel.to(dist.device), train, validation, load_unigram(vocab),
                unigram_ce, Checkpoint(kernel_name, fp))
 
 
@@ -367,14 +367,14 @@ def validate(job: Job, model: Denoiser, sequences: int, repeats: int, chosen: li
         return model(xt.to(device), t.to(device), None if state is None else state.to(device))
 
     def score(k: int, rows: slice) -> list[float]:
-        x0 = torch.from_numpy(job.valid[rows].astype(np.int64)).to(device)
+        x0 = torch.from_numpy(job.validation[rows].astype(np.int64)).to(device)
         means = validation_estimates(denoise, job.on_device, x0, block, 1, cfg.seed + k, chosen, repeats)
         return [means[e.key] for e in chosen]
 
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        values = sharded_mean(score, min(sequences, len(job.valid)), block, len(chosen), job.dist.rank,
+        values = sharded_mean(score, min(sequences, len(job.validation)), block, len(chosen), job.dist.rank,
                               job.dist.world, device)
     model.train(was_training)
     return {e.key: v for e, v in zip(chosen, values, strict=True)}
@@ -403,7 +403,7 @@ def finish(job: Job, state: TrainState, final: dict[str, float]) -> None:
         "train_loss": sum(r["loss"] for r in tail) / len(tail),
         "val_nelbo": val_nelbo,
         "val_ppl": math.exp(val_nelbo),
-        "unigram_valid_ce": job.unigram_ce,
+        "unigram_validation_ce": job.unigram_ce,
         "val_nelbo_minus_unigram": val_nelbo - job.unigram_ce,
         "tokens_per_s": tokens / state.train_s,
         "train_tokens": tokens,

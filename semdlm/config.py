@@ -18,8 +18,8 @@ import yaml
 
 KERNEL_NAMES = ("mask", "uniform", "knn", "semdlm_plus")
 SAMPLER_NAMES = ("ancestral", "tau_leaping", "blockwise")
-PACKINGS = ("wrap", "cls_sep")  # BD3-LM's wrap; the former [CLS] doc [SEP] stream cut into rows
-PROTOCOLS = ("auto", "mdlm", "windows")  # gen PPL: MDLM's computation; the former [BOS] text [EOS] windows
+PACKINGS = ("wrap", "cls_sep")  # data.packing: BD3-LM's wrap; [CLS] doc [SEP] cut into rows (text: report)
+PROTOCOLS = ("auto", "mdlm", "windows")  # eval.protocol: MDLM's gen PPL or [BOS] text [EOS] windows (text: evaluate)
 
 
 class ConfigError(ValueError):
@@ -47,7 +47,7 @@ class SyntheticConfig:
     ``states`` hidden states, each emitting from its own cluster of ``cluster_size`` MiniLM-close whole-word
     tokens (drawn from the ``pool`` most frequent ones); transition rows ~ Dirichlet(``transition_concentration``)
     (small = peaked = a low entropy rate), emission rows ~ Dirichlet(``emission_concentration``) over the cluster.
-    ``sequences`` rows in all (``data.valid_fraction`` of them held out). ``seed`` fixes the language (clusters and
+    ``sequences`` rows in all (``data.validation_fraction`` of them held out). ``seed`` fixes the language (clusters and
     probabilities); ``data.seed`` the corpus drawn from it.
     """
 
@@ -69,7 +69,8 @@ class SyntheticConfig:
             value = getattr(self, key)
             _check(0.01 <= value <= 1e3 and math.isfinite(value),
                    f"data.synthetic.{key}={value} must be in [0.01, 1000] (a Dirichlet concentration; small = peaked)")
-        _check(self.sequences >= 2, f"data.synthetic.sequences={self.sequences} must be >= 2 (train and valid rows)")
+        _check(self.sequences >= 2,
+               f"data.synthetic.sequences={self.sequences} must be >= 2 (train and validation rows)")
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class DataConfig:
     text_field: str = "text"
     hf_split: str = "train"
     seq_len: int = 64
-    valid_fraction: float = 0.05
+    validation_fraction: float = 0.05
     max_docs: int = 0  # 0 = all documents
     vocab: str = "compact"  # "compact" (ids seen >= min_count in train + specials) or "full" (30,522)
     min_count: int = 10
@@ -97,7 +98,8 @@ class DataConfig:
         _check(self.workers >= 1, f"data.workers={self.workers} must be >= 1")
         _check(self.shard_sequences >= 1, f"data.shard_sequences={self.shard_sequences} must be >= 1")
         _check(self.seq_len >= 8, f"data.seq_len={self.seq_len} is too short; use seq_len >= 8 (e.g. 64)")
-        _check(0 < self.valid_fraction < 1, f"data.valid_fraction={self.valid_fraction} must be in (0, 1)")
+        _check(0 < self.validation_fraction < 1,
+               f"data.validation_fraction={self.validation_fraction} must be in (0, 1)")
         _check(self.vocab in ("compact", "full"), f"data.vocab={self.vocab!r}: use 'compact' or 'full'")
         _check(self.min_count >= 1, f"data.min_count={self.min_count} must be >= 1")
         _check(self.max_docs >= 0, f"data.max_docs={self.max_docs} must be >= 0 (0 = all)")

@@ -8,12 +8,12 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def split_documents(n_docs: int, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split by document: (train indices, valid indices), each sorted; both non-empty when n_docs >= 2."""
+def split_documents(n_docs: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split by document: (train indices, validation indices), each sorted; both non-empty when n_docs >= 2."""
     if n_docs < 2:
-        raise ValueError(f"need at least 2 documents to split train/valid, got {n_docs}")
+        raise ValueError(f"need at least 2 documents to split train/validation, got {n_docs}")
     order = np.random.default_rng(seed).permutation(n_docs)
-    n_valid = min(max(1, round(n_docs * valid_fraction)), n_docs - 1)
+    n_valid = min(max(1, round(n_docs * validation_fraction)), n_docs - 1)
     return np.sort(order[n_valid:]), np.sort(order[:n_valid])
 
 

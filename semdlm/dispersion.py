@@ -50,11 +50,12 @@ class ReverseNeighbours:
                               accumulate=True)
 
 
-def posterior_entropy(kernel: Kernel, m: torch.Tensor, xt: torch.Tensor, t: float, chunk: int = 256) -> torch.Tensor:
-    """H(q(x_0 | x_t = j)) in nats for each j in ``xt`` (1-D), prior ``m`` over x_0 ([V] float64)."""
-    a, b, c, k = (float(v) for v in kernel.coefficients(torch.tensor([t], dtype=torch.float64, device=m.device)))
-    m = m.to(torch.float64)
-    V = m.numel()
+def posterior_entropy(kernel: Kernel, unigram: torch.Tensor, xt: torch.Tensor, t: float,
+                      chunk: int = 256) -> torch.Tensor:
+    """H(q(x_0 | x_t = j)) in nats for each j in ``xt`` (1-D), prior ``unigram`` over x_0 ([V] float64)."""
+    a, b, c, k = (float(v) for v in kernel.coefficients(torch.tensor([t], dtype=torch.float64, device=unigram.device)))
+    unigram = unigram.to(torch.float64)
+    V = unigram.numel()
     reverse = ReverseNeighbours(kernel.neighbours, int(k)) if kernel.uses_neighbours and c > 0 else None
     out = []
     for j in xt.reshape(-1).split(chunk):
@@ -62,37 +63,38 @@ def posterior_entropy(kernel: Kernel, m: torch.Tensor, xt: torch.Tensor, t: floa
         lik[torch.arange(j.numel(), device=j.device), j] += a
         if reverse is not None:
             lik += (c / k) * reverse.indicator(j, V)
-        w = m * lik
+        w = unigram * lik
         p = w / w.sum(1, keepdim=True)
         out.append(-torch.special.xlogy(p, p).sum(1))
     return torch.cat(out)
 
 
-def latent_posterior_entropy(kernel: Kernel, m: torch.Tensor, xt: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-    """H(q(x_0 | x_t, state_t)) in nats per position (1-D), prior ``m`` over x_0: 0 where the state is CLEAN
-    (x_0 = x_t), H(m) at GLOBAL (a nu draw says nothing about x_0), and at slot r the entropy of m restricted to the
-    preimage {v : N(v)[r] = x_t}, log M - sum m log m / M with M its mass. The state's own law cancels: no t."""
-    m = m.to(torch.float64)
+def latent_posterior_entropy(kernel: Kernel, unigram: torch.Tensor, xt: torch.Tensor,
+                             state: torch.Tensor) -> torch.Tensor:
+    """H(q(x_0 | x_t, state_t)) in nats per position (1-D), prior m = ``unigram`` over x_0: 0 where the state is
+    CLEAN (x_0 = x_t), H(m) at GLOBAL (a nu draw says nothing about x_0), and at slot r the entropy of m restricted to
+    the preimage {v : N(v)[r] = x_t}, log M - sum m log m / M with M its mass. The state's own law cancels: no t."""
+    unigram = unigram.to(torch.float64)
     xt, state = xt.reshape(-1), state.reshape(-1)
-    out = torch.zeros(len(xt), dtype=torch.float64, device=m.device)
-    out[state == GLOBAL] = float(-torch.special.xlogy(m, m).sum())
+    out = torch.zeros(len(xt), dtype=torch.float64, device=unigram.device)
+    out[state == GLOBAL] = float(-torch.special.xlogy(unigram, unigram).sum())
     slot = state >= NEIGHBOUR
     if bool(slot.any()):
         i, v = kernel.preimage_entries(xt[slot], state[slot] - NEIGHBOUR)
-        mass = torch.zeros(int(slot.sum()), dtype=torch.float64, device=m.device).index_add(0, i, m[v])
-        plogp = torch.zeros_like(mass).index_add(0, i, torch.special.xlogy(m[v], m[v]))
+        mass = torch.zeros(int(slot.sum()), dtype=torch.float64, device=unigram.device).index_add(0, i, unigram[v])
+        plogp = torch.zeros_like(mass).index_add(0, i, torch.special.xlogy(unigram[v], unigram[v]))
         out[slot] = mass.clamp_min(1e-300).log() - plogp / mass.clamp_min(1e-300)
     return out
 
 
-def mean_posterior_entropy(kernel: Kernel, m: torch.Tensor, xt: torch.Tensor, t: float,
+def mean_posterior_entropy(kernel: Kernel, unigram: torch.Tensor, xt: torch.Tensor, t: float,
                            state: torch.Tensor | None = None) -> float:
     """Monte-Carlo h(t; Q): mean of H(q(x_0 | x_t)) over the drawn tokens ``xt`` (one posterior per value), or of
     H(q(x_0 | x_t, state_t)) when the model sees the latent ``state`` (``latent_posterior_entropy``)."""
     if state is not None:
-        return float(latent_posterior_entropy(kernel, m, xt, state).mean())
+        return float(latent_posterior_entropy(kernel, unigram, xt, state).mean())
     values, counts = torch.unique(xt.reshape(-1), return_counts=True)
-    return float((posterior_entropy(kernel, m, values, t) * counts).sum() / counts.sum())
+    return float((posterior_entropy(kernel, unigram, values, t) * counts).sum() / counts.sum())
 
 
 def dispersion(h: torch.Tensor) -> float:

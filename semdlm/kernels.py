@@ -55,7 +55,7 @@ class Kernel:
         self._nu_cdf = torch.cumsum(self.nu, 0)
         self._nu_cdf[-1] = 1.0
         t = torch.linspace(0, 1, 101, dtype=torch.float64)
-        rest = 1 - self.schedule.alpha(t) - self.schedule.beta_t(t)
+        rest = 1 - self.schedule.alpha(t) - self.schedule.jump_mass(t)
         self._uses_neighbours = bool((rest > 1e-12).any())
         self._markov = bool((rest.abs() <= 1e-12).all())
         if self.uses_neighbours:
@@ -94,7 +94,7 @@ class Kernel:
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(alpha_t, beta_t, neighbour mass 1 - alpha_t - beta_t, integer k_t) for each t."""
         t = t.to(torch.float64)
-        a, b = self.schedule.alpha(t), self.schedule.beta_t(t)
+        a, b = self.schedule.alpha(t), self.schedule.jump_mass(t)
         return a, b, (1.0 - a - b).clamp_min(0.0), self.schedule.k(t)
 
     def to(self, device: torch.device | str) -> Kernel:
@@ -217,14 +217,14 @@ class Kernel:
         return rows
 
     def sample_prior(
-        self, shape: tuple[int, ...], x0_dist: torch.Tensor, generator: torch.Generator | None = None
+        self, shape: tuple[int, ...], unigram: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_1, state_1) ~ sum_i m(i) q_1(. | i): the kernel's reference distribution when x_0 follows ``x0_dist``.
+        """(x_1, state_1) ~ sum_i m(i) q_1(. | i): the kernel's reference distribution when x_0 follows ``unigram``.
 
-        For mask, uniform and SemDLM+ with alpha_min = 0, beta_max = 1 the token law is nu whatever ``x0_dist`` is.
+        For mask, uniform and SemDLM+ with alpha_min = 0, beta_max = 1 the token law is nu whatever ``unigram`` is.
         """
         n = int(torch.tensor(shape).prod())
-        x0 = torch.multinomial(x0_dist.to(self.nu.device, torch.float64), n, True, generator=generator)
+        x0 = torch.multinomial(unigram.to(self.nu.device, torch.float64), n, True, generator=generator)
         return self.corrupt(x0.view(shape), torch.ones(shape[0], dtype=torch.float64, device=x0.device), generator)
 
 

@@ -64,17 +64,17 @@ def slot_cost(kernel: Kernel, p: torch.Tensor, x0: torch.Tensor, slot: torch.Ten
     return out
 
 
-def latent_prior_kl(kernel: Kernel, m: torch.Tensor) -> torch.Tensor:
+def latent_prior_kl(kernel: Kernel, unigram: torch.Tensor) -> torch.Tensor:
     """Per token id x_0 ([V]): KL(q(state_1, x_1 | x_0) || p(state_1, x_1)), p the t=1 law of the state with
-    x_0 ~ m: alpha_1 (-log m(x_0)) + sum_r m_1(r) (-log M_r(N(x_0)[r])), M_r the law of N(y)[r] under y ~ m
-    (a GLOBAL token is a nu draw under both)."""
-    m = m.to(kernel.nu.device, torch.float64)
-    m1 = kernel.state_probs(torch.ones(1, dtype=torch.float64, device=m.device))[0]
-    out = m1[CLEAN] * -m.clamp_min(TINY).log() if m1[CLEAN] > 0 else torch.zeros_like(m)
+    x_0 ~ m = ``unigram``: alpha_1 (-log m(x_0)) + sum_r m_1(r) (-log M_r(N(x_0)[r])), M_r the law of N(y)[r] under
+    y ~ m (a GLOBAL token is a nu draw under both)."""
+    unigram = unigram.to(kernel.nu.device, torch.float64)
+    m1 = kernel.state_probs(torch.ones(1, dtype=torch.float64, device=unigram.device))[0]
+    out = m1[CLEAN] * -unigram.clamp_min(TINY).log() if m1[CLEAN] > 0 else torch.zeros_like(unigram)
     for r in range(kernel.num_states - NEIGHBOUR):
         if m1[NEIGHBOUR + r] > 0:
             column = kernel.neighbours[:, r]
-            law = torch.zeros_like(m).index_add_(0, column, m)
+            law = torch.zeros_like(unigram).index_add_(0, column, unigram)
             out = out + m1[NEIGHBOUR + r] * -law[column].clamp_min(TINY).log()
     return out
 
@@ -112,22 +112,22 @@ def latent_step_kl(kernel: Kernel, logp: torch.Tensor, x0: torch.Tensor, state: 
     return kl
 
 
-def marginal_prior_kl(kernel: Kernel, m: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """Per token id x_0 ([V]): KL(q_1(x_1 | x_0) || sum_y m(y) q_1(x_1 | y)), the tokens only (chunked O(V^2)
-    time, O(chunk V) memory); 0 without work when q_1 does not depend on x_0 (alpha_1 = 0 and no neighbour mass at
-    t = 1: mask, uniform, SemDLM+ with beta_1 = 1)."""
-    m = m.to(kernel.nu.device, torch.float64)
+def marginal_prior_kl(kernel: Kernel, unigram: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Per token id x_0 ([V]): KL(q_1(x_1 | x_0) || sum_y m(y) q_1(x_1 | y)), m = ``unigram``, the tokens only
+    (chunked O(V^2) time, O(chunk V) memory); 0 without work when q_1 does not depend on x_0 (alpha_1 = 0 and no
+    neighbour mass at t = 1: mask, uniform, SemDLM+ with beta_1 = 1)."""
+    unigram = unigram.to(kernel.nu.device, torch.float64)
     V = kernel.vocab_size
-    a, _, c, _ = kernel.coefficients(torch.ones(1, dtype=torch.float64, device=m.device))
+    a, _, c, _ = kernel.coefficients(torch.ones(1, dtype=torch.float64, device=unigram.device))
     if float(a) == 0.0 and float(c) == 0.0:
-        return torch.zeros(V, dtype=torch.float64, device=m.device)
-    mix = torch.zeros(V, dtype=torch.float64, device=m.device)
+        return torch.zeros(V, dtype=torch.float64, device=unigram.device)
+    mix = torch.zeros(V, dtype=torch.float64, device=unigram.device)
     for start in range(0, V, chunk):
-        ids = torch.arange(start, min(start + chunk, V), device=m.device)
-        mix += (m[ids, None] * kernel.probs(ids, 1.0)).sum(0)
-    out = torch.zeros(V, dtype=torch.float64, device=m.device)
+        ids = torch.arange(start, min(start + chunk, V), device=unigram.device)
+        mix += (unigram[ids, None] * kernel.probs(ids, 1.0)).sum(0)
+    out = torch.zeros(V, dtype=torch.float64, device=unigram.device)
     for start in range(0, V, chunk):
-        ids = torch.arange(start, min(start + chunk, V), device=m.device)
+        ids = torch.arange(start, min(start + chunk, V), device=unigram.device)
         out[ids] = _xlogy_ratio(kernel.probs(ids, 1.0), mix[None]).sum(1)
     return out
 
@@ -303,19 +303,19 @@ class Estimate:
     fn: Estimator
 
 
-def estimates(kernel: Kernel, latent: bool, grid_steps: int, x0_prior: torch.Tensor) -> list[Estimate]:
+def estimates(kernel: Kernel, latent: bool, grid_steps: int, unigram: torch.Tensor) -> list[Estimate]:
     """What is reported for ``kernel`` in its model (``latent``: the kernel entry's ``latent_state``): the primary
-    bound first (``val_nelbo``), the continuous-time NELBO of a Markov kernel, then the denoising CE. ``x0_prior``:
+    bound first (``val_nelbo``), the continuous-time NELBO of a Markov kernel, then the denoising CE. ``unigram``:
     the x_0 law of the model at t = 1 (the train unigram); the prior terms are computed here, once."""
     T = grid_steps
     ce = Estimate("val_denoising_ce", "denoising CE: E_t mean_i -log p_theta(x_0^i | x_t), t ~ U(0, 1) (Eq. 3)",
                   DENOISING, lambda d, k, x0, g: denoising_ce(d, k, x0, g, latent))
     if latent:
-        prior = latent_prior_kl(kernel, x0_prior)
+        prior = latent_prior_kl(kernel, unigram)
         return [Estimate("val_nelbo", f"latent-state ELBO (discrete time, T = {T})",
                          "bound on the NLL of the sampled latent-state model (ours), tight",
                          lambda d, k, x0, g: latent_bound(d, k, x0, T, prior, g)), ce]
-    prior = marginal_prior_kl(kernel, x0_prior)
+    prior = marginal_prior_kl(kernel, unigram)
     if kernel.is_markov:
         mdlm = " = MDLM's" if kernel.is_absorbing else ""
         return [Estimate("val_nelbo", f"D3PM ELBO of the Markov chain{mdlm} (discrete time, T = {T})",

@@ -89,15 +89,15 @@ class Chain:
     of every position (``commit``)."""
 
     def __init__(self, denoise: Denoise, kernel: Kernel, num: int, seq_len: int, latent: bool,
-                 x0_dist: torch.Tensor | None, generator: torch.Generator | None,
+                 unigram: torch.Tensor | None, generator: torch.Generator | None,
                  transform: Transform | None = None) -> None:
         self.denoise, self.kernel, self.num, self.gen, self.transform = denoise, kernel, num, generator, transform
         self.latent = latent
         self.tracked = latent or kernel.is_absorbing
         self.markov = not self.tracked and kernel.is_markov  # the paper's uniform: the Markov chain in x_t
-        if x0_dist is None and (kernel.schedule.alpha_min > 0 or kernel.uses_neighbours):
-            raise ValueError(f"kernel {kernel.name!r} needs x0_dist to draw its t=1 reference distribution")
-        self.x, self.state = kernel.sample_prior((num, seq_len), kernel.nu if x0_dist is None else x0_dist, generator)
+        if unigram is None and (kernel.schedule.alpha_min > 0 or kernel.uses_neighbours):
+            raise ValueError(f"kernel {kernel.name!r} needs unigram to draw its t=1 reference distribution")
+        self.x, self.state = kernel.sample_prior((num, seq_len), kernel.nu if unigram is None else unigram, generator)
         self.held = self.data(self.x)
         self.revisions = torch.zeros_like(self.x)
         self.nfe = 0
@@ -177,7 +177,7 @@ class Sampler(Protocol):
     """The signature every sampler shares: ``cfg`` with one step count; ``latent``: the kernel entry's model."""
 
     def __call__(self, denoise: Denoise, kernel: Kernel, cfg: SamplerConfig, num: int, seq_len: int, *,
-                 latent: bool, generator: torch.Generator | None = None, x0_dist: torch.Tensor | None = None,
+                 latent: bool, generator: torch.Generator | None = None, unigram: torch.Tensor | None = None,
                  transform: Transform | None = None, on_step: Callable[[], None] | None = None) -> SampleResult: ...
 
 
@@ -189,16 +189,16 @@ def step_count(cfg: SamplerConfig) -> int:
 
 
 def ancestral(denoise: Denoise, kernel: Kernel, cfg: SamplerConfig, num: int, seq_len: int, *, latent: bool,
-              generator: torch.Generator | None = None, x0_dist: torch.Tensor | None = None,
+              generator: torch.Generator | None = None, unigram: torch.Tensor | None = None,
               transform: Transform | None = None, on_step: Callable[[], None] | None = None) -> SampleResult:
     """Ancestral sampling on ``cfg.steps`` uniform steps 1 -> 0 of the kernel's model (``Chain.reverse``).
 
     With ``cfg.cache`` a tracked chain (mask, the latent-state model) skips the network at steps where no position
     changes state (``cache=False`` calls it at every step with identical output). For the absorbing kernel this is
-    MDLM's sampler. x_1 comes from the kernel's reference distribution with x_0 ~ ``x0_dist`` (needed by kernels
+    MDLM's sampler. x_1 comes from the kernel's reference distribution with x_0 ~ ``unigram`` (needed by kernels
     whose t=1 law depends on x_0)."""
     steps = step_count(cfg)
-    chain = Chain(denoise, kernel, num, seq_len, latent, x0_dist, generator, transform)
+    chain = Chain(denoise, kernel, num, seq_len, latent, unigram, generator, transform)
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     for k in range(steps):
         chain.reverse(float(grid[k]), float(grid[k + 1]), cfg.cache)
@@ -227,7 +227,7 @@ def _rate_jumps(kernel: Kernel, x: torch.Tensor, p: torch.Tensor, level: torch.T
 
 
 def tau_leaping(denoise: Denoise, kernel: Kernel, cfg: SamplerConfig, num: int, seq_len: int, *, latent: bool,
-                generator: torch.Generator | None = None, x0_dist: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, unigram: torch.Tensor | None = None,
                 transform: Transform | None = None, on_step: Callable[[], None] | None = None) -> SampleResult:
     """Tau-leaping with predictor-corrector (``cfg.corrector_steps`` correctors after each predictor step).
 
@@ -239,7 +239,7 @@ def tau_leaping(denoise: Denoise, kernel: Kernel, cfg: SamplerConfig, num: int, 
     ``Chain.correct``. Correctors run after every predictor step except the last (s = 0).
     """
     steps = step_count(cfg)
-    chain = Chain(denoise, kernel, num, seq_len, latent, x0_dist, generator, transform)
+    chain = Chain(denoise, kernel, num, seq_len, latent, unigram, generator, transform)
     grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     everywhere = torch.ones_like(chain.x, dtype=torch.bool)
 
@@ -269,7 +269,7 @@ def tau_leaping(denoise: Denoise, kernel: Kernel, cfg: SamplerConfig, num: int, 
 
 
 def blockwise(denoise: Denoise, kernel: Kernel, cfg: SamplerConfig, num: int, seq_len: int, *, latent: bool,
-              generator: torch.Generator | None = None, x0_dist: torch.Tensor | None = None,
+              generator: torch.Generator | None = None, unigram: torch.Tensor | None = None,
               transform: Transform | None = None, on_step: Callable[[], None] | None = None) -> SampleResult:
     """The paper's semi-autoregressive "blockwise predictor" sampler (Sec. 5.1, App. E.1, Eq. 121).
 
@@ -289,7 +289,7 @@ def blockwise(denoise: Denoise, kernel: Kernel, cfg: SamplerConfig, num: int, se
     steps = step_count(cfg)
     if seq_len % cfg.strides:
         raise ValueError(f"strides={cfg.strides} does not divide seq_len={seq_len}")
-    chain = Chain(denoise, kernel, num, seq_len, latent, x0_dist, generator, transform)
+    chain = Chain(denoise, kernel, num, seq_len, latent, unigram, generator, transform)
     per_block = max(1, steps // cfg.strides)
     block = seq_len // cfg.strides
     grid = torch.linspace(1.0, 0.0, per_block + 1, dtype=torch.float64)

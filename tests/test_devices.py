@@ -73,7 +73,7 @@ def test_stage_on_cuda_without_a_gpu_exits_2_with_one_line_and_writes_nothing(tm
 
 
 def test_the_evaluator_resolves_its_device_before_loading(no_cuda, tmp_path, monkeypatch):
-    from pipeline import evaluator as ev
+    from pipeline import evaluator_lm as ev
     from semdlm.config import EvalConfig
 
     monkeypatch.chdir(tmp_path)  # no prepared evaluator here: the device error must come first

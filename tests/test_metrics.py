@@ -88,7 +88,7 @@ def test_distinct_n_and_repeated_ngrams_by_hand():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_evaluator_from_a_local_path_scores_in_float32_and_bfloat16(tiny_lm, tmp_path, dtype):
-    from pipeline import evaluator as ev
+    from pipeline import evaluator_lm as ev
 
     path, model, tok = tiny_lm
     old = os.getcwd()
@@ -158,7 +158,7 @@ def test_mdlm_gen_ppl_equals_the_hand_enumerated_pairs(gpt2_layout, context, bat
 
 def test_evaluate_with_protocol_mdlm_scores_what_mdlm_scores(gpt2_layout):
     from pipeline import evaluate
-    from pipeline.evaluator import Evaluator
+    from pipeline.evaluator_lm import Evaluator
 
     model, tok = gpt2_layout
     e = Evaluator("gpt2-layout", model, tok, context=1024)

@@ -16,7 +16,7 @@ def project(fresh_repro):
 
 def test_repro_makes_every_out_and_leaves_a_clean_status(project, fresh_repro):
     out = fresh_repro.output
-    assert {"tokenize", "graph", "prior", "train@mask", "sample@mask", "evaluator", "evaluate@mask", "reference",
+    assert {"tokenize", "graph", "prior", "train@mask", "sample@mask", "evaluator_lm", "evaluate@mask", "reference",
             "report", "track", "train@semdlm_plus", "sample@semdlm_plus", "evaluate@semdlm_plus",
             "dispersion"} <= ran(out)
     for path in ("data/tokens/train/part-00000.parquet", "data/tokens/vocab.json", "data/graph/neighbours.parquet",

@@ -19,9 +19,9 @@ def config(sampler: str = "ancestral", steps: int = 8, **kw) -> SamplerConfig:
 
 
 def sample(sampler: str, denoise, kernel, num: int, seq_len: int, steps: int, latent: bool, seed: int = 0,
-           x0_dist: torch.Tensor | None = None, **kw):
+           unigram: torch.Tensor | None = None, **kw):
     return get_sampler(sampler)(denoise, kernel, config(sampler, steps, **kw), num, seq_len, latent=latent,
-                                generator=torch.Generator().manual_seed(seed), x0_dist=x0_dist)
+                                generator=torch.Generator().manual_seed(seed), unigram=unigram)
 
 
 def empirical_tv(toy: Toy, samples: torch.Tensor) -> float:
@@ -51,7 +51,7 @@ def test_ancestral_with_exact_posterior_reproduces_the_data_distribution():
 
 
 def test_knn_sampling_needs_the_x0_law_of_its_reference_distribution():
-    with pytest.raises(ValueError, match="x0_dist"):
+    with pytest.raises(ValueError, match="unigram"):
         sample("ancestral", lambda x, t, state: torch.zeros(*x.shape, 8), kernels()["knn"], 2, 3, 4, latent=False)
 
 
@@ -108,7 +108,7 @@ def run_sampler(sampler: str, name: str, latent: bool, denoise, steps: int, seed
                 num: int = DRAWS, **kw):
     kernel, gen = kernels()[name].to(device), torch.Generator(device=device).manual_seed(seed)
     return get_sampler(sampler)(denoise, kernel, config(sampler, steps, **kw), num, SIX.L, latent=latent,
-                                generator=gen, x0_dist=SIX.token_marginal().to(device))
+                                generator=gen, unigram=SIX.token_marginal().to(device))
 
 
 @pytest.mark.parametrize("latent", [True, False], ids=["latent", "paper"])
@@ -215,7 +215,7 @@ def test_paper_uniform_tau_leaping_converges_to_data_as_steps_grow():
     tv = []
     for steps in (4, 128):
         res = sample("tau_leaping", SIX.denoiser(kernel), kernel, 6000, SIX.L, steps, False,
-                     x0_dist=SIX.token_marginal())
+                     unigram=SIX.token_marginal())
         assert res.nfe == steps
         tv.append(empirical_tv(SIX, res.ids))
     assert tv[1] < 0.06 and tv[1] < tv[0], tv
@@ -226,7 +226,7 @@ def test_paper_uniform_tau_leaping_converges_to_data_as_steps_grow():
 def test_tau_leaping_corrector_keeps_the_exact_distribution(name, latent):
     kernel = kernels()[name]
     res = sample("tau_leaping", exact_denoiser(SIX, kernel, latent), kernel, 6000, SIX.L, 32, latent, seed=1,
-                 x0_dist=SIX.token_marginal(), corrector_steps=2)
+                 unigram=SIX.token_marginal(), corrector_steps=2)
     assert res.nfe == 32 + 2 * 31  # no corrector after the last step
     assert empirical_tv(SIX, res.ids) < 0.06
 
@@ -237,7 +237,7 @@ def test_blockwise_with_correctors_keeps_the_exact_distribution(name, latent):
     # the corrector of the Markov chain (uniform) runs q_{t|s} forward, which needs no x_0, and back by its posterior
     kernel = kernels()[name]
     res = sample("blockwise", exact_denoiser(SIX, kernel, latent), kernel, 6000, SIX.L, 32, latent, seed=3,
-                 x0_dist=SIX.token_marginal(), corrector_steps=1)
+                 unigram=SIX.token_marginal(), corrector_steps=1)
     assert res.nfe <= 32 + 31
     assert empirical_tv(SIX, res.ids) < 0.06
 
@@ -270,7 +270,7 @@ def test_the_literal_reading_of_eq_121_does_not_converge_but_the_model_step_does
     for steps in (16, 128):
         for projection, out in ((True, literal), (False, ours)):
             res = sample("blockwise", SIX.denoiser(kernel), kernel, 6000, SIX.L, steps, False, seed=4,
-                         x0_dist=SIX.token_marginal(), projection=projection)
+                         unigram=SIX.token_marginal(), projection=projection)
             out.append(empirical_tv(SIX, res.ids))
     assert min(literal) > 0.08 and max(ours) < 0.05, (literal, ours)
 
@@ -279,7 +279,7 @@ def test_revisions_count_every_change_of_a_position_after_it_first_held_a_data_t
     # the paper's model calls the network at every step with the current tokens: recount the changes between calls
     kernel, seen = kernels()["semdlm_plus"], []
     res = sample("ancestral", denoise_recording(SIX.denoiser(kernel), seen), kernel, 500, SIX.L, 8, False,
-                 x0_dist=SIX.token_marginal())
+                 unigram=SIX.token_marginal())
     path = torch.stack([*seen, res.ids])
     torch.testing.assert_close(res.revisions, (path[1:] != path[:-1]).sum(0))
     mask, seen = masking(SIX.vocab, SIX.vocab - 1), []

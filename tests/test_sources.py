@@ -46,7 +46,7 @@ def test_lm1b_uses_its_test_split_for_validation_and_detokenises(tmp_path, monke
     wrap = sources.open_corpus(DataConfig(source="lm1b", path=str(tmp_path / "lm1b"), packing="wrap"))
     assert wrap.detokenize is bd3lm_lm1b_detokenize  # BD3-LM's clean-up goes with its packing
     run_tokenize(tmp_path, monkeypatch, source="lm1b", path=str(tmp_path / "lm1b"), vocab="full")
-    train, valid = decoded("train"), decoded("valid")
+    train, valid = decoded("train"), decoded("validation")
     assert "alpha" in train and "omega" not in train
     assert "omega" in valid and "alpha" not in valid
 
@@ -55,8 +55,8 @@ def test_openwebtext_holds_out_its_last_documents(tmp_path):
     texts = [f"web page {i} about " + " ".join(WORDS) for i in range(50)]
     pd.DataFrame({"text": texts}).to_parquet(tmp_path / "owt.parquet")
     corpus = sources.open_corpus(DataConfig(source="openwebtext", path=str(tmp_path / "owt.parquet"),
-                                            valid_fraction=0.1))
-    assert list(corpus.splits["valid"]["text"]) == texts[45:]
+                                            validation_fraction=0.1))
+    assert list(corpus.splits["validation"]["text"]) == texts[45:]
     assert list(corpus.splits["train"]["text"]) == texts[:45]
 
 
@@ -67,7 +67,7 @@ def test_wikitext103_reads_a_save_to_disk_dataset_dict(tmp_path):
                                "validation": datasets.Dataset.from_dict({"text": ["e f"]})})
     dd.save_to_disk(str(tmp_path / "wt"))
     corpus = sources.open_corpus(DataConfig(source="wikitext103", path=str(tmp_path / "wt")))
-    assert [b for batch in corpus.batches("valid", 2) for b in batch] == ["e f"]
+    assert [b for batch in corpus.batches("validation", 2) for b in batch] == ["e f"]
     assert len(corpus.splits["train"]) == 3
 
 
@@ -88,10 +88,10 @@ def test_shards_and_worker_processes_do_not_change_the_sequences(tmp_path, monke
         ws.mkdir()
         run_tokenize(ws, monkeypatch, source="openwebtext", path=str(tmp_path / "owt.parquet"), workers=workers,
                      shard_sequences=shard)
-        outs[workers] = {s: load_rows(s) for s in ("train", "valid")}
+        outs[workers] = {s: load_rows(s) for s in ("train", "validation")}
     n_train = len(outs[1]["train"])
     assert n_train > 10 and len(split_shards("train")) == -(-n_train // 5)  # ceil(rows / 5) shards
-    for s in ("train", "valid"):
+    for s in ("train", "validation"):
         np.testing.assert_array_equal(outs[1][s], outs[2][s])
 
 
@@ -126,8 +126,8 @@ def test_a_corpus_spelling_every_special_token_never_yields_a_special_id_but_the
             for s in ("[MASK]", "[CLS]", "[SEP]", "[PAD]", "[UNK]")]
     (tmp_path / "corpus.txt").write_text("\n\n".join(docs))
     run_tokenize(tmp_path, monkeypatch, source=str(tmp_path / "corpus.txt"), vocab="full", packing=packing,
-                 valid_fraction=0.2)
-    rows = np.concatenate([load_rows("train"), load_rows("valid")])
+                 validation_fraction=0.2)
+    rows = np.concatenate([load_rows("train"), load_rows("validation")])
     for special in (0, 100, 103):  # [PAD], [UNK], [MASK]: the packing never writes them
         assert not (rows == special).any(), special
     if packing == "wrap":

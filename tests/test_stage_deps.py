@@ -115,7 +115,7 @@ def test_no_stage_depends_on_project_code_it_does_not_run(stage):
 
 def test_the_code_path_follows_imports_inside_functions(tmp_path):
     """The derivation can fail: the sample stage reaches semdlm/penalties.py only through pipeline/sample.py, and
-    the evaluator stage, whose command imports pipeline/evaluator.py inside the function, does not reach it."""
+    the evaluator_lm stage, whose command imports pipeline/evaluator_lm.py inside the function, does not reach it."""
     assert REPO / "semdlm" / "penalties.py" in code_path("sample")
-    assert REPO / "semdlm" / "penalties.py" not in code_path("evaluator")
-    assert REPO / "pipeline" / "evaluator.py" in code_path("evaluator")
+    assert REPO / "semdlm" / "penalties.py" not in code_path("evaluator-lm")
+    assert REPO / "pipeline" / "evaluator_lm.py" in code_path("evaluator-lm")

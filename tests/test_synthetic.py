@@ -202,9 +202,9 @@ SMALL = {"states": 16, "cluster_size": 8, "sequences": 1200, "transition_concent
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, evaluator_dir) -> Path:
-    """tokenize (synthetic) -> prior -> evaluator -> reference, then evaluate@mask of hand-made samples: 10 rows
+    """tokenize (synthetic) -> prior -> evaluator_lm -> reference, then evaluate@mask of hand-made samples: 10 rows
     of the law and 6 with a [MASK] left in them."""
-    from pipeline import evaluate, evaluator, prior, tokenize
+    from pipeline import evaluate, evaluator_lm, prior, tokenize
     from pipeline.artifacts import load_split, load_vocab
     from pipeline.common import write_parquet
     from semdlm.config import load_params
@@ -212,16 +212,16 @@ def project(tmp_path_factory, evaluator_dir) -> Path:
 
     ws = tmp_path_factory.mktemp("synthetic")
     write_params(ws / "params.yaml", evaluator_dir,
-                 data={"source": "synthetic", "seq_len": 16, "valid_fraction": 0.25, "synthetic": SMALL},
+                 data={"source": "synthetic", "seq_len": 16, "validation_fraction": 0.25, "synthetic": SMALL},
                  prior={"min_count": 1})
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ws)
         p = load_params()
         tokenize.run(p.data)
         prior.run(p.prior)
-        evaluator.prepare(p.eval)
+        evaluator_lm.prepare(p.eval)
         evaluate.reference(p.eval, p.sampler.seed)
-        rows = load_split("valid")[:16].clone()
+        rows = load_split("validation")[:16].clone()
         rows[10:, 5] = load_vocab().mask
         write_parquet(ws / "samples/mask/samples.parquet",
                       pd.DataFrame({"steps": 4, "sample": range(16), "ids": [r.tolist() for r in rows]}))
@@ -239,11 +239,11 @@ def test_synthetic_source_writes_the_token_files_of_every_source(project):
 
     vocab = read(project, "data/tokens/vocab.json")
     law = RowLaw.from_arrays(dict(np.load(project / "data/tokens/synthetic.npz")))
-    assert vocab["source"] == "synthetic" and vocab["sequences"] == {"train": 900, "valid": 300}
+    assert vocab["source"] == "synthetic" and vocab["sequences"] == {"train": 900, "validation": 300}
     assert vocab["ids"] == [0, 100, 101, 102, 103] + sorted(law.words.tolist())  # specials + the law's support
     assert vocab["unk_rate_train"] == 0 and vocab["synthetic"]["law"] == "synthetic.npz"
     ids = np.array(vocab["ids"])
-    for split in ("train", "valid"):
+    for split in ("train", "validation"):
         rows = ids[read_rows(project / f"data/tokens/{split}/part-00000.parquet")]
         assert rows.shape == (vocab["sequences"][split], 16)
         assert (law.outside(rows) == 0).all() and (rows[:, 0] == 101).all() and (rows[:, -1] == 102).all()

@@ -9,7 +9,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_PARAMS = {
-    "data": {"source": "bbcnews", "seq_len": 16, "max_docs": 60, "min_count": 3, "valid_fraction": 0.1},
+    "data": {"source": "bbcnews", "seq_len": 16, "max_docs": 60, "min_count": 3, "validation_fraction": 0.1},
     "graph": {"k_max": 8, "chunk_size": 256},
     "prior": {"min_count": 3, "tau": 0.5},
     "model": {"d_model": 32, "n_layers": 1, "n_heads": 2},

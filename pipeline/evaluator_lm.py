@@ -77,7 +77,7 @@ def load(cfg: EvalConfig) -> Evaluator:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(cfg.device, "eval.device")
-    path = require(Path(EVALUATOR) / "config.json", "evaluator").parent
+    path = require(Path(EVALUATOR) / "config.json", "evaluator_lm").parent
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).eval().to(device)  # no pickle
     tok = AutoTokenizer.from_pretrained(path)
