@@ -24,8 +24,8 @@ def load_kernel(name: str, params: Params, vocab: Vocab) -> Kernel:
         )
     prior = load_prior()
     cfg = params.kernels[name]
-    neighbours = load_graph()[0] if family(cfg.type).uses_graph else None
     try:
+        neighbours = load_graph()[0] if family(cfg.type, name).uses_graph else None
         return get_kernel(cfg.type, cfg, mask_id=vocab.mask, valid=prior["valid"], unigram_nu=prior["nu"],
                           neighbours=neighbours, name=name)
     except ValueError as e:

@@ -26,7 +26,7 @@ from semdlm.kernels import Kernel
 from semdlm.metrics import semantic_repetition
 from semdlm.model import Denoiser
 from semdlm.penalties import penalty
-from semdlm.samplers import Transform, get_sampler
+from semdlm.samplers import Sampler, Transform, get_sampler
 
 
 def penalty_on(cfg: SamplerConfig, graph: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> Transform | None:
@@ -38,6 +38,7 @@ def penalty_on(cfg: SamplerConfig, graph: tuple[torch.Tensor, torch.Tensor], dev
 def run(params: Params, kernel_name: str) -> None:
     """One sample set per count in sampler.steps (same seed), all in one parquet with a ``steps`` column."""
     cfg = params.sampler
+    sampler_of(cfg)  # an unknown sampler stops the stage before any loading
     device = resolve_device(cfg.device, "sampler.device")
     vocab = load_vocab()
     kernel = on_device(load_kernel(kernel_name, params, vocab), device)
@@ -73,6 +74,14 @@ def run(params: Params, kernel_name: str) -> None:
     })
 
 
+def sampler_of(cfg: SamplerConfig) -> Sampler:
+    """The registered sampler ``sampler.name``; an unknown name stops the stage with the registry's one line."""
+    try:
+        return get_sampler(cfg.name)
+    except ValueError as e:
+        raise StageError(str(e)) from None
+
+
 def draw(model: Denoiser, kernel: Kernel, cfg: SamplerConfig, unigram: torch.Tensor | None,
          transform: Transform | None, device: torch.device, precision: str,
          latent: bool) -> tuple[list[list[int]], float, float, float]:
@@ -81,7 +90,7 @@ def draw(model: Denoiser, kernel: Kernel, cfg: SamplerConfig, unigram: torch.Ten
     made; the network runs in the training ``precision``; ``latent``: the model sees each token's latent state."""
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     denoise = in_precision(model, device, precision)
-    sampler = get_sampler(cfg.name)
+    sampler = sampler_of(cfg)
     ids, nfe, revisions = [], 0, 0
     start = time.perf_counter()
     columns = (TextColumn(f"sample@{kernel.name} {cfg.steps} steps"), BarColumn(), MofNCompleteColumn(),

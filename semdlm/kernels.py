@@ -22,6 +22,7 @@ A ``kernels.<name>`` entry of params.yaml names its family (``type``); ``get_ker
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -292,10 +293,14 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def family(type: str) -> Family:
-    """The registered family ``type`` (``kernels.<name>.type``)."""
+def family(type: str, name: str | None = None) -> Family:
+    """The registered family ``type`` (``kernels.<name>.type``, the key itself when the entry names none)."""
     if type not in FAMILIES:
-        raise ValueError(f"unknown kernel family {type!r}; choose one of {', '.join(FAMILIES)}")
+        close = difflib.get_close_matches(type, FAMILIES, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        entry = name or type
+        raise ValueError(f"unknown kernel {type!r} in params.yaml kernels{hint}: kernels.{entry}.type must name a "
+                         f"family, e.g. kernels.{entry}.type: semdlm_plus (one of {', '.join(FAMILIES)})")
     return FAMILIES[type]
 
 
@@ -311,7 +316,7 @@ def get_kernel(
 ) -> Kernel:
     """The kernel of family ``type`` with the settings ``cfg``, named ``name`` (the ``kernels.<name>`` key of
     params.yaml; the family's name when None)."""
-    fam = family(type)
+    fam = family(type, name)
     if fam.uses_graph and neighbours is None:
         raise ValueError(f"kernel {name or type!r} ({type}) needs the neighbour table of the graph stage")
     return fam.build(name or type, cfg, Tables(mask_id, valid, unigram_nu, neighbours))

@@ -339,5 +339,5 @@ SAMPLERS: dict[str, Sampler] = {"ancestral": ancestral, "tau_leaping": tau_leapi
 def get_sampler(name: str) -> Sampler:
     """The sampler registered under ``name`` (``sampler.name``)."""
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+        raise ValueError(f"sampler.name={name!r} is unknown; choose one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name]

@@ -15,8 +15,9 @@ import torch
 from semdlm.config import KernelConfig, ModelConfig, TrainConfig
 from semdlm.likelihood import latent_bound, latent_prior_kl, marginal_bound, marginal_prior_kl, markov_bound
 from semdlm.model import Denoiser
+from semdlm.samplers import SAMPLERS
 from semdlm.training import corrupt_batch, normaliser, train_step
-from tests.test_kernels import kernels
+from tests.test_kernels import KERNELS, kernels
 from tests.test_likelihood import exact
 from tests.test_likelihood import toy as likelihood_toy
 from tests.test_samplers import SIX, law_tv, model_law, run_sampler
@@ -25,7 +26,6 @@ from tests.toy import imperfect_denoiser
 DEVICE = torch.device(os.environ.get("SEMDLM_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
                                 reason="torch sees no CUDA device")
-KERNELS = ["mask", "uniform", "knn", "semdlm_plus"]
 
 
 def through_device(denoise):
@@ -40,7 +40,7 @@ def through_device(denoise):
 
 
 @pytest.mark.parametrize("latent", [True, False], ids=["latent", "paper"])
-@pytest.mark.parametrize("sampler", ["ancestral", "tau_leaping", "blockwise"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
 @pytest.mark.parametrize("name", KERNELS)
 def test_every_sampler_on_cuda_draws_from_the_chain_law(name, sampler, latent):
     if sampler == "tau_leaping" and name == "uniform" and not latent:

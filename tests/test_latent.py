@@ -7,11 +7,10 @@ from semdlm.kernels import CLEAN, GLOBAL, NEIGHBOUR
 from semdlm.latent import flows, forward_step, marginal_reverse_step, reverse_probs, reverse_step
 from semdlm.loss import token_ce
 from tests.stats import assert_frequencies_match
-from tests.test_kernels import kernels
+from tests.test_kernels import KERNELS, kernels
 from tests.toy import local_likelihood
 
 N = 30_000
-KERNELS = ["mask", "uniform", "knn", "semdlm_plus"]
 # (s, t) pairs; for semdlm_plus (k_max = 4, gamma = 1) 0.3 -> 0.8 crosses two jumps of k_t
 LEVELS = [(0.3, 0.8), (0.6, 0.65), (0.0, 0.5), (0.5, 1.0)]
 

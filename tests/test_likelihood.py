@@ -31,10 +31,9 @@ from semdlm.likelihood import (
 )
 from semdlm.loss import change_aware_loss, stratified_times, time_weight, token_ce
 from tests.chain import LatentChain, MarginalChain, MarkovChain, bound, nll
-from tests.test_kernels import kernels
+from tests.test_kernels import KERNELS, kernels
 from tests.toy import Toy, exact_denoiser, imperfect_denoiser
 
-KERNELS = ["mask", "uniform", "knn", "semdlm_plus"]
 MARKOV = ["mask", "uniform"]  # the paper's model is the Markov chain in x_t (D3PM / UDLM / Duo; MDLM for mask)
 DEFAULT_T = 8  # train.bound_steps of params.yaml
 TIGHT = {"mask": 0.05, "uniform": 0.05, "knn": 0.05, "semdlm_plus": 0.15}  # nats/token, the targets
