@@ -155,7 +155,7 @@ def api(base: str, path: str, body: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def mlflow_ui(tracked, tmp_path_factory) -> Iterator[str]:
-    """`mlflow ui` on the tracked store, as the README starts it; yields its base URL once /health answers."""
+    """`mlflow ui` on the tracked store, as docs/experiments.md starts it; yields its base URL once /health answers."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
@@ -276,10 +276,10 @@ def test_compare_bad_input_is_one_line_naming_it_and_writes_nothing(tracked, tmp
 
 
 def test_mlflow_ui_in_headless_chromium_lists_the_kernel_runs_with_gen_ppl(tracked, mlflow_ui, tmp_path):
-    """The README's walkthrough in a browser that never opened MLflow: the link (saved view `kernel-runs`, set by
+    """The walkthrough of docs/experiments.md in a browser that never opened MLflow: the link (saved view `kernel-runs`, set by
     track, model-training workflow) lists every kernel run with its gen PPL per step count. The plain experiment
     page opens on MLflow 3.17's GenAI overview (the UI takes the workflow from the browser, not from the
-    experiment's tags); the README's clicks ("Got it", "Model training", Views > the kernel view) lead to the same
+    experiment's tags); its clicks ("Got it", "Model training", Views > the kernel view) lead to the same
     table, and the browser keeps "Model training": the plain page then opens on the runs."""
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -305,7 +305,7 @@ def test_mlflow_ui_in_headless_chromium_lists_the_kernel_runs_with_gen_ppl(track
     page = f"{mlflow_ui}/#/experiments/{exp_id}"
     profile = tmp_path / "chromium-profile"
     with Browser(chromium, profile) as b:
-        b.open(f"{page}/runs?viewStateShareKey=kernel-runs&workflowType=machine_learning")  # the README's link
+        b.open(f"{page}/runs?viewStateShareKey=kernel-runs&workflowType=machine_learning")  # the documented link
         names = [r.info.run_name for r in kernel_runs]
         assert_kernel_table(b.wait_text(*names))
         assert view in b.text()
