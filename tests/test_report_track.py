@@ -58,7 +58,7 @@ def ws(tmp_path_factory) -> Path:
     os.chdir(ws)
     try:
         for cmd in (["tokenize"], ["prior"], ["graph"], ["train", "-k", "mask"], ["dispersion"],
-                    ["sample", "-k", "mask"], ["evaluator"], ["evaluate", "-k", "mask"], ["reference"], ["report"]):
+                    ["sample", "-k", "mask"], ["evaluator-lm"], ["evaluate", "-k", "mask"], ["reference"], ["report"]):
             invoke(*cmd)
         yield ws
     finally:
