@@ -1,12 +1,18 @@
 """Training-step throughput: tokens/s, model FLOP utilisation (MFU) and per-kernel step time as a ratio to mask.
 
     python benchmarks/train_step.py [--params params.yaml] [--steps 20]          # the embedded default's model
+    python benchmarks/train_step.py --profile params/synthetic.yaml [--torch-profile 5]   # a profile's model
     python benchmarks/train_step.py --config paper [--batch 64] [--steps 10]    # 110M model, L = 128 and 1024
 
 The step is the trainer's own: ``semdlm.training.draw_batch`` then ``optimizer_step`` (the Eq. 120 loss, clipping,
 AdamW, the learning-rate schedule and the EMA of the params; bf16 autocast and optional torch.compile on CUDA), one
 micro-batch per step on one device, on synthetic tokens (``semdlm.stand_ins``). The peak is the GPU's dense bf16
-FLOP/s from its data sheet (or ``--peak``); on a CPU it is a float32 matmul measured in the same run.
+FLOP/s from its data sheet (or ``--peak``); on a CPU it is a float32 matmul measured in the same run, twice: the
+1024 x 1024 square (``peak_flops``) and the step's own GEMMs at this size (``shape_peak``: every linear layer's forward,
+grad-input and grad-weight matmul at B x L rows, each timed alone; their FLOPs over their summed time), so the step's
+share of each is reported (``mfu``, ``mfu_shapes``). ``--profile`` merges a params profile into ``--params`` (for
+``data.source: synthetic`` the vocabulary is the language's words + 5 specials); ``--torch-profile N`` profiles N
+steps with ``torch.profiler`` and stores the ops with the largest self CPU time.
 ``--config paper`` times every kernel (mask, uniform, knn, semdlm_plus with a random [V, k_max] neighbour table) at
 both of the paper's lengths.
 Writes benchmarks/results/train_step.json (default) or train_step_paper_<device>.json.
@@ -19,11 +25,13 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from semdlm.config import KernelConfig, Params, deep_merge, load_params, parse_params, read_yaml
+from semdlm.config import SYNTHETIC, KernelConfig, Params, deep_merge, load_params, parse_params, read_yaml
+from semdlm.data import SPECIALS
 from semdlm.kernels import Kernel, masking
 from semdlm.model import Denoiser
 from semdlm.provenance import machine, versions
@@ -32,21 +40,83 @@ from semdlm.training import TrainState, corrupt_batch, draw_batch, optimizer_ste
 
 GPU_PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
                  "A10": 125e12}  # dense (no sparsity) bf16 tensor-core FLOP/s, vendor data sheets
+StepFn = Callable[[Kernel, KernelConfig], float]
 PAPER_LENGTHS = {"lm1b": 128, "owt": 1024}
+
+
+def time_matmul(fn, flops: float, reps: int, rounds: int = 3) -> float:
+    """Best of ``rounds`` timings of ``reps`` calls of ``fn`` (FLOP/s, ``flops`` per call)."""
+    for _ in range(2):
+        fn()
+    best = 0.0
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = max(best, flops * reps / (time.perf_counter() - t0))
+    return best
 
 
 def matmul_peak(n: int = 1024, reps: int = 20, rounds: int = 3) -> float:
     """Best of ``rounds`` timings of ``reps`` float32 n x n matmuls (FLOP/s)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
-    return best
+    return time_matmul(lambda: a @ b, 2 * n**3, reps, rounds)
+
+
+def step_gemms(model: Denoiser, rows: int) -> list[dict]:
+    """The dense matmuls of one training step of ``model`` on ``rows`` = B x L tokens: for every linear layer applied
+    to all tokens (each block's qkv, proj and MLP, the weight-tied output head) with weight [n_out, n_in], the
+    forward [rows, n_in] x [n_in, n_out] (``F.linear``), the grad-input [rows, n_out] x [n_out, n_in] and the
+    grad-weight [n_out, rows] x [rows, n_in] matmul, as autograd runs them (the last on transposed views). The
+    time-conditioning layers (B rows, not B x L) and attention (inside scaled_dot_product_attention) are left out,
+    as ``model_flops_per_token`` leaves them out of the 6 x parameters."""
+    layers = [("head", model.embed.weight, True)]  # F.linear(h, embed.weight, bias)
+    for block in model.blocks:
+        layers += [("qkv", block.qkv.weight, block.qkv.bias is not None),
+                   ("proj", block.proj.weight, block.proj.bias is not None),
+                   ("mlp_in", block.mlp[0].weight, block.mlp[0].bias is not None),
+                   ("mlp_out", block.mlp[2].weight, block.mlp[2].bias is not None)]
+    calls: dict[tuple[str, int, int, bool], int] = {}
+    for name, w, bias in layers:
+        key = (name, *w.shape, bias)
+        calls[key] = calls.get(key, 0) + 1
+    out = []
+    for (name, n_out, n_in, bias), count in calls.items():
+        for kind, (m, k, n) in (("forward", (rows, n_in, n_out)), ("grad_input", (rows, n_out, n_in)),
+                                ("grad_weight", (n_out, rows, n_in))):
+            out.append({"layer": name, "kind": kind, "m": m, "k": k, "n": n, "bias": bias and kind == "forward",
+                        "calls": count, "flops": 2 * m * k * n})
+    return out
+
+
+def shape_peak(gemms: list[dict], reps: int = 20) -> tuple[float, list[dict]]:
+    """float32 FLOP/s of the step's GEMM mix (``step_gemms``), each GEMM timed alone (best of 3 rounds of ``reps``):
+    the FLOPs of all of them, each as often as the step calls it, over the time they take at their measured rates;
+    and the per-GEMM figures."""
+    total_flops = total_s = 0.0
+    rows = []
+    for g in gemms:
+        m, k, n = g["m"], g["k"], g["n"]
+        if g["kind"] == "forward":  # F.linear(x [m, k], w [n, k], bias [n])
+            x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n) if g["bias"] else None
+
+            def fn(x=x, w=w, b=b):
+                return torch.nn.functional.linear(x, w, b)
+        elif g["kind"] == "grad_input":  # dy [m, k] @ w [k, n]
+            dy, w = torch.randn(m, k), torch.randn(k, n)
+
+            def fn(dy=dy, w=w):
+                return dy @ w
+        else:  # dy.t() [m, k] @ x [k, n], dy [k, m] contiguous as autograd holds it
+            dy, x = torch.randn(k, m), torch.randn(k, n)
+
+            def fn(dy=dy, x=x):
+                return dy.t() @ x
+        rate = time_matmul(fn, g["flops"], reps)
+        rows.append({**g, "flops_per_s": rate})
+        total_flops += g["flops"] * g["calls"]
+        total_s += g["flops"] * g["calls"] / rate
+    return total_flops / total_s, rows
 
 
 def peak_flops(device: torch.device, override: float) -> tuple[float, str]:
@@ -70,12 +140,13 @@ def model_flops_per_token(model: Denoiser, seq_len: int) -> float:
 
 
 def time_steps(p: Params, kernels: dict[str, tuple[Kernel, KernelConfig]], V: int, L: int, B: int, steps: int,
-               device: torch.device) -> tuple[dict[str, list[float]], Denoiser]:
+               device: torch.device) -> tuple[dict[str, list[float]], Denoiser, StepFn]:
     """Seconds of each timed optimiser step (the trainer's step: draw_batch + optimizer_step) per kernel, after
     warm-up, B sequences of length L per step.
 
     The kernels take turns on one model, step by step, so that a change in the machine's load hits all alike; its
     latent-state table is sized for the kernel with the most states (the network's cost is the same for all).
+    Also returns the model and the timed step (kernel, its config -> seconds).
     """
     cfg = dataclasses.replace(p.train, batch_size=B, devices=1, grad_accum=1)
     torch.manual_seed(0)
@@ -107,17 +178,50 @@ def time_steps(p: Params, kernels: dict[str, tuple[Kernel, KernelConfig]], V: in
             dt = step(kernel, kcfg)
             if i >= warm:
                 times[name].append(dt)
-    return times, model
+    return times, model, step
 
 
-def run_default(p: Params, V: int, steps: int, device: torch.device) -> dict:
+def run_default(p: Params, V: int, steps: int, device: torch.device, profile_steps: int = 0) -> dict:
+    """The params' model, batch and length on the mask kernel: mean (and min, median) step time over ``steps``
+    timed steps; on a CPU also the step's GEMMs at this size (``shape_peak``) and, with ``profile_steps``, a
+    ``torch.profiler`` table of that many more steps."""
     L, B = p.data.seq_len, p.train.batch_size
-    times, model = time_steps(p, {"mask": (masking(V, V - 1), p.kernels.get("mask", KernelConfig()))}, V, L, B,
-                              steps, device)
-    dt = sum(times["mask"]) / steps
+    kernel = masking(V, V - 1)
+    kcfg = p.kernels.get("mask", KernelConfig())
+    times, model, step = time_steps(p, {"mask": (kernel, kcfg)}, V, L, B, steps, device)
+    ts = sorted(times["mask"])
+    dt = sum(ts) / steps
     tok_s = B * L / dt
-    return {"parameters": model.num_parameters(), "batch": B, "seq_len": L, "vocab": V, "step_s": dt,
-            "tokens_per_s": tok_s, "achieved_flops": tok_s * model_flops_per_token(model, L)}
+    fpt = model_flops_per_token(model, L)
+    out = {"parameters": model.num_parameters(), "batch": B, "seq_len": L, "vocab": V,
+           "d_model": p.model.d_model, "n_layers": p.model.n_layers, "flops_per_token": fpt, "step_s": dt,
+           "step_s_min": ts[0], "step_s_median": ts[len(ts) // 2], "tokens_per_s": tok_s,
+           "achieved_flops": tok_s * fpt, "achieved_flops_min_step": B * L / ts[0] * fpt}
+    if device.type == "cpu":
+        gemms = step_gemms(model, B * L)
+        out["gemm_flops_share"] = sum(g["flops"] * g["calls"] for g in gemms) / (B * L * fpt)
+        out["shape_peak_flops"], out["gemms"] = shape_peak(gemms)
+    if profile_steps:
+        out["torch_profile"] = torch_profile(lambda: step(kernel, kcfg), profile_steps)
+    return out
+
+
+def torch_profile(step, steps: int, top: int = 25) -> dict:
+    """``torch.profiler`` over ``steps`` calls of ``step``: the table printed, and per op (the ``top`` by self CPU
+    time) its share of the total self CPU time, milliseconds per step and calls per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=top))
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    return {"steps": steps, "self_cpu_ms_per_step": total / 1e3 / steps,
+            "ops": [{"op": e.key, "share": e.self_cpu_time_total / total,
+                     "ms_per_step": e.self_cpu_time_total / 1e3 / steps, "calls_per_step": e.count / steps}
+                    for e in rows]}
 
 
 def run_paper(p: Params, V: int, batch: int, steps: int, device: torch.device, lengths: list[int]) -> list[dict]:
@@ -130,7 +234,7 @@ def run_paper(p: Params, V: int, batch: int, steps: int, device: torch.device, l
     runs = []
     for L in lengths:
         B = batch or max(1, 1024 // L)
-        times, model = time_steps(p, kernels, V, L, B, steps, device)
+        times, model, _ = time_steps(p, kernels, V, L, B, steps, device)
         row: dict = {"seq_len": L, "batch": B, "parameters": model.num_parameters(),
                      "flops_per_token": model_flops_per_token(model, L), "kernels": {}}
         for name, ts in times.items():
@@ -152,7 +256,12 @@ def main() -> None:
     ap.add_argument("--config", choices=("params", "paper"), default="params",
                     help="params: the --params file's model; paper: params/lm1b.yaml's 110M model at L=128, 1024")
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--vocab", type=int, default=0, help="vocabulary size (default: 7917, paper: 30522)")
+    ap.add_argument("--profile", default="", help="a params profile merged into --params (e.g. params/synthetic.yaml)")
+    ap.add_argument("--vocab", type=int, default=0,
+                    help="vocabulary size (default: a synthetic language's words + 5 specials, else 7917; "
+                         "paper: 30522)")
+    ap.add_argument("--torch-profile", type=int, default=0, metavar="N",
+                    help="params: profile N more steps with torch.profiler (table printed, top ops in the JSON)")
     ap.add_argument("--batch", type=int, default=0,
                     help="paper: sequences per device (default 64 on GPU; on CPU 1,024 tokens per step)")
     ap.add_argument("--lengths", default="128,1024", help="paper: sequence lengths")
@@ -165,10 +274,15 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     paper = args.config == "paper"
-    p = _paper_params(args.params) if paper else load_params(args.params)
+    if paper:
+        p = _paper_params(args.params)
+    elif args.profile:
+        p = parse_params(deep_merge(read_yaml(args.params), read_yaml(args.profile)))
+    else:
+        p = load_params(args.params)
     if p.train.threads:
         torch.set_num_threads(p.train.threads)
-    V = args.vocab or (30522 if paper else 7917)
+    V = args.vocab or (30522 if paper else default_vocab(p))
     peak, peak_src = peak_flops(device, args.peak)
     result: dict = {"machine": machine(str(device)), "versions": versions(), "device": device.type, "note": args.note,
                     "load_average_at_start": os.getloadavg()[0]}
@@ -181,7 +295,8 @@ def main() -> None:
                       runs=run_paper(p, V, batch, steps, device, lengths))
         out = args.out or f"benchmarks/results/train_step_paper_{device.type}.json"
     else:
-        result.update(run_default(p, V, args.steps or 20, device))
+        result.update(params=args.params, profile=args.profile or None)
+        result.update(run_default(p, V, args.steps or 20, device, args.torch_profile))
         out = args.out or "benchmarks/results/train_step.json"
     if device.type == "cpu" and not args.peak:  # a busy machine lowers either measurement: keep the better one
         peak = max(peak, matmul_peak())
@@ -189,6 +304,9 @@ def main() -> None:
     for r in [result] + [k for row in result.get("runs", []) for k in row["kernels"].values()]:
         if "achieved_flops" in r:
             r["mfu"] = r["achieved_flops"] / peak
+    if "shape_peak_flops" in result:  # measured again after the steps: keep the better one
+        result["shape_peak_flops"] = max(result["shape_peak_flops"], shape_peak(step_gemms_of(result))[0])
+        result["mfu_shapes"] = result["achieved_flops"] / result["shape_peak_flops"]
     if paper:
         for row in result["runs"]:
             for k, r in row["kernels"].items():
@@ -198,10 +316,30 @@ def main() -> None:
         print(f"train step: {result['tokens_per_s']:,.0f} tok/s, {result['achieved_flops'] / 1e9:.1f} GFLOP/s = "
               f"{100 * result['mfu']:.0f}% of {peak / 1e9:.0f} GFLOP/s peak "
               f"({result['machine']}, {result['parameters']:,} params)")
+        if "mfu_shapes" in result:
+            print(f"  = {100 * result['mfu_shapes']:.0f}% of the {result['shape_peak_flops'] / 1e9:.0f} GFLOP/s that "
+                  f"the step's own GEMMs reach alone at B x L = {result['batch'] * result['seq_len']:,} rows "
+                  f"(GEMMs: {100 * result['gemm_flops_share']:.0f}% of the model FLOPs)")
+            for g in result["gemms"]:
+                print(f"    {g['layer']:<8} {g['kind']:<11} [{g['m']}, {g['k']}] x [{g['k']}, {g['n']}] "
+                      f"x{g['calls']}: {g['flops_per_s'] / 1e9:6.1f} GFLOP/s")
     result["load_average_at_end"] = os.getloadavg()[0]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def default_vocab(p: Params) -> int:
+    """The vocabulary of ``p``'s data when it is known without the pipeline: a synthetic language's compact vocabulary
+    (its states x cluster_size words and the 5 specials); else the embedded default's 7,917."""
+    if p.data.source == SYNTHETIC and p.data.vocab == "compact":
+        return p.data.synthetic.states * p.data.synthetic.cluster_size + len(SPECIALS)
+    return 7917
+
+
+def step_gemms_of(result: dict) -> list[dict]:
+    """The GEMM list stored in a ``run_default`` result, without its measured rates."""
+    return [{k: v for k, v in g.items() if k != "flops_per_s"} for g in result["gemms"]]
 
 
 def _paper_params(base: str) -> Params:

@@ -33,9 +33,8 @@ from pipeline.common import StageError, atomic, write_json
 from pipeline.sources import Corpus, open_corpus, read_corpus  # noqa: F401 - read_corpus is part of this API
 from semdlm import synthetic
 from semdlm.config import SYNTHETIC, DataConfig
-from semdlm.data import Packer, compact_vocab, lookup_table
+from semdlm.data import SPECIALS, Packer, compact_vocab, lookup_table
 
-SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CHUNK_DOCS = 2000  # documents per tokenizer task
 SYNTHETIC_LAW, SYNTHETIC_SUMMARY = "synthetic.npz", "synthetic.json"  # under data/tokens, source: synthetic only
 SYNTHETIC_CHUNK = 4096  # rows drawn at a time (fixed: the rows do not depend on data.shard_sequences)

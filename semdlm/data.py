@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # bert-base-uncased's, first in a compact vocabulary
+
 
 def split_documents(n_docs: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split by document: (train indices, validation indices), each sorted; both non-empty when n_docs >= 2."""
