@@ -276,11 +276,11 @@ def test_compare_bad_input_is_one_line_naming_it_and_writes_nothing(tracked, tmp
 
 
 def test_mlflow_ui_in_headless_chromium_lists_the_kernel_runs_with_gen_ppl(tracked, mlflow_ui, tmp_path):
-    """The walkthrough of docs/experiments.md in a browser that never opened MLflow: the link (saved view `kernel-
-    runs`, set by track, model-training workflow) lists every kernel run with its gen PPL per step count. The plain
-    experiment page opens on MLflow 3.17's GenAI overview (the UI takes the workflow from the browser, not from the
-    experiment's tags); its clicks ("Got it", "Model training", Views > the kernel view) lead to the same table, and
-    the browser keeps "Model training": the plain page then opens on the runs."""
+    """The walkthrough of docs/experiments.md in a browser that never opened MLflow: the link (saved view
+    `kernel-runs`, set by track, model-training workflow) lists every kernel run with its gen PPL per step count.
+    The plain experiment page opens on MLflow 3.17's GenAI overview (the UI takes the workflow from the browser, not
+    from the experiment's tags); its clicks ("Got it", "Model training", Views > the kernel view) lead to the same
+    table, and the browser keeps "Model training": the plain page then opens on the runs."""
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
