@@ -1,7 +1,7 @@
 """Training-step throughput: tokens/s, model FLOP utilisation (MFU) and per-kernel step time as a ratio to mask.
 
     python benchmarks/train_step.py [--params params.yaml] [--steps 20]          # the embedded default's model
-    python benchmarks/train_step.py --profile params/synthetic.yaml [--torch-profile 5]   # a profile's model
+    python benchmarks/train_step.py --profile params/bbc.yaml [--torch-profile 5]  # a profile's model
     python benchmarks/train_step.py --config paper [--batch 64] [--steps 10]    # 110M model, L = 128 and 1024
 
 The step is the trainer's own: ``semdlm.training.draw_batch`` then ``optimizer_step`` (the Eq. 120 loss, clipping,
@@ -30,7 +30,16 @@ from pathlib import Path
 
 import torch
 
-from semdlm.config import SYNTHETIC, KernelConfig, Params, deep_merge, load_params, parse_params, read_yaml
+from semdlm.config import (
+    SYNTHETIC,
+    KernelConfig,
+    Params,
+    load_params,
+    merge_params,
+    parse_params,
+    read_profile,
+    read_yaml,
+)
 from semdlm.data import SPECIALS
 from semdlm.kernels import Kernel, masking
 from semdlm.model import Denoiser
@@ -256,7 +265,7 @@ def main() -> None:
     ap.add_argument("--config", choices=("params", "paper"), default="params",
                     help="params: the --params file's model; paper: params/lm1b.yaml's 110M model at L=128, 1024")
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--profile", default="", help="a params profile merged into --params (e.g. params/synthetic.yaml)")
+    ap.add_argument("--profile", default="", help="a params profile merged into --params (e.g. params/bbc.yaml)")
     ap.add_argument("--vocab", type=int, default=0,
                     help="vocabulary size (default: a synthetic language's words + 5 specials, else 7917; "
                          "paper: 30522)")
@@ -277,7 +286,7 @@ def main() -> None:
     if paper:
         p = _paper_params(args.params)
     elif args.profile:
-        p = parse_params(deep_merge(read_yaml(args.params), read_yaml(args.profile)))
+        p = parse_params(merge_params(read_yaml(args.params), read_profile(args.profile)))
     else:
         p = load_params(args.params)
     if p.train.threads:
@@ -331,7 +340,7 @@ def main() -> None:
 
 def default_vocab(p: Params) -> int:
     """The vocabulary of ``p``'s data when it is known without the pipeline: a synthetic language's compact vocabulary
-    (its states x cluster_size words and the 5 specials); else the embedded default's 7,917."""
+    (its states x cluster_size words and the 5 specials); else BBC News's 7,917 (params/bbc.yaml)."""
     if p.data.source == SYNTHETIC and p.data.vocab == "compact":
         return p.data.synthetic.states * p.data.synthetic.cluster_size + len(SPECIALS)
     return 7917
@@ -344,7 +353,7 @@ def step_gemms_of(result: dict) -> list[dict]:
 
 def _paper_params(base: str) -> Params:
     """params.yaml with params/lm1b.yaml merged in (the paper's model, optimiser and kernel settings)."""
-    return parse_params(deep_merge(read_yaml(base), read_yaml("params/lm1b.yaml")))
+    return parse_params(merge_params(read_yaml(base), read_profile("params/lm1b.yaml")))
 
 
 if __name__ == "__main__":

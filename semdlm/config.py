@@ -73,7 +73,7 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "bbcnews"  # "bbcnews" (embedded), lm1b / openwebtext / wikitext103, a text file/dir, a datasets id
+    source: str = "bbcnews"  # synthetic (params.yaml), bbcnews, lm1b / openwebtext / wikitext103, a .txt, a hub id
     path: str = ""  # lm1b / openwebtext / wikitext103: local copy (save_to_disk dir, parquet dir/file); "" = hub id
     text_field: str = "text"
     hf_split: str = "train"
@@ -412,6 +412,30 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML ({e.__class__.__name__}); fix the file") from None
+
+
+def read_profile(path: str | Path) -> dict[str, Any]:
+    """A profile (a partial params file) with its ``extends:`` chain resolved: ``extends: bbc.yaml`` (a path beside
+    the profile) is merged in first and the profile's own values over it; a profile's kernel set replaces its base's."""
+    path = Path(path)
+    raw, seen = read_yaml(path), [path.resolve()]
+    while "extends" in raw:
+        base_path = path.parent / str(raw.pop("extends"))
+        if base_path.resolve() in seen:
+            raise ConfigError(f"{path}: 'extends' loops through {base_path}; remove one of them")
+        seen.append(base_path.resolve())
+        base = read_yaml(base_path)
+        raw = merge_params(base, raw)
+        path = base_path
+    return raw
+
+
+def merge_params(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` (a profile) merged into ``base``: mapping by mapping, except that a kernel set replaces one."""
+    merged = deep_merge(base, override)
+    if "kernels" in override:
+        merged["kernels"] = copy.deepcopy(override["kernels"])
+    return merged
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -10,7 +10,7 @@ import yaml
 
 from pipeline import profile, sources, tokenize
 from pipeline.artifacts import iter_split, load_rows, split_shards
-from semdlm.config import DataConfig, load_params, parse_params
+from semdlm.config import ConfigError, DataConfig, load_params, parse_params, read_profile
 from semdlm.data import Packer, bd3lm_lm1b_detokenize, lm1b_detokenize, pack
 from semdlm.model import Denoiser
 from tests.tiny import REPO, write_params
@@ -198,10 +198,38 @@ def test_a_profile_labels_paper_exactly_the_values_the_paper_states(name):
     assert paper == {k: v for k, v in PAPER_STATES[name].items() if k in leaves}, (name, paper)
 
 
-def test_profiles_only_use_keys_of_params_yaml():
+PROFILES = sorted(p.stem for p in (REPO / "params").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_every_profile_uses_only_keys_of_params_yaml_and_merges_into_valid_params(tmp_path, name):
     base = yaml.safe_load((REPO / "params.yaml").read_text())
-    for name in ("lm1b", "owt"):
-        prof = yaml.safe_load((REPO / "params" / f"{name}.yaml").read_text())
-        for sec, values in prof.items():
-            if sec != "kernels":
-                assert set(values) <= set(base[sec]), (name, sec, set(values) - set(base[sec]))
+    prof = read_profile(REPO / "params" / f"{name}.yaml")
+    for sec, values in prof.items():
+        if sec != "kernels":
+            assert set(values) <= set(base[sec]), (name, sec, set(values) - set(base[sec]))
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    assert parse_params(profile.run(REPO / "params" / f"{name}.yaml", tmp_path / "params.yaml"))
+
+
+def test_a_profile_extends_its_base_and_its_own_values_win(tmp_path):
+    (tmp_path / "base.yaml").write_text("data: {source: bbcnews, seq_len: 64}\nkernels: {mask: {}, uniform: {}}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ndata: {seq_len: 128}\nkernels: {knn: {}}\n")
+    assert read_profile(tmp_path / "child.yaml") == {"data": {"source": "bbcnews", "seq_len": 128},
+                                                     "kernels": {"knn": {}}}
+    (tmp_path / "base.yaml").write_text("extends: child.yaml\n")
+    with pytest.raises(ConfigError, match=r"'extends' loops through .*child\.yaml"):
+        read_profile(tmp_path / "child.yaml")
+    (tmp_path / "child.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"params file .*nowhere\.yaml not found"):
+        read_profile(tmp_path / "child.yaml")
+
+
+@pytest.mark.parametrize("name", ["cpu-study", "gpu-quick"])
+def test_the_bbc_studies_run_on_bbc_news_whatever_the_default_corpus(name):
+    bbc, study = read_profile(REPO / "params/bbc.yaml"), read_profile(REPO / f"params/{name}.yaml")
+    own = yaml.safe_load((REPO / f"params/{name}.yaml").read_text())
+    assert study["data"]["source"] == "bbcnews" and "extends" not in study
+    for sec, values in bbc.items():
+        for key, value in values.items():
+            assert study[sec][key] == own.get(sec, {}).get(key, value), (sec, key)
