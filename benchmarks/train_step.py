@@ -101,7 +101,7 @@ def step_gemms(model: Denoiser, rows: int) -> list[dict]:
 def shape_peak(gemms: list[dict], reps: int = 20) -> tuple[float, list[dict]]:
     """float32 FLOP/s of the step's GEMM mix (``step_gemms``), each GEMM timed alone (best of 3 rounds of ``reps``):
     the FLOPs of all of them, each as often as the step calls it, over the time they take at their measured rates;
-    and the per-GEMM figures."""
+    and the per-GEMM figures (each entry with its ``flops_per_s``, replaced where the entry already had one)."""
     total_flops = total_s = 0.0
     rows = []
     for g in gemms:
@@ -314,7 +314,7 @@ def main() -> None:
         if "achieved_flops" in r:
             r["mfu"] = r["achieved_flops"] / peak
     if "shape_peak_flops" in result:  # measured again after the steps: keep the better one
-        result["shape_peak_flops"] = max(result["shape_peak_flops"], shape_peak(step_gemms_of(result))[0])
+        result["shape_peak_flops"] = max(result["shape_peak_flops"], shape_peak(result["gemms"])[0])
         result["mfu_shapes"] = result["achieved_flops"] / result["shape_peak_flops"]
     if paper:
         for row in result["runs"]:
@@ -344,11 +344,6 @@ def default_vocab(p: Params) -> int:
     if p.data.source == SYNTHETIC and p.data.vocab == "compact":
         return p.data.synthetic.states * p.data.synthetic.cluster_size + len(SPECIALS)
     return 7917
-
-
-def step_gemms_of(result: dict) -> list[dict]:
-    """The GEMM list stored in a ``run_default`` result, without its measured rates."""
-    return [{k: v for k, v in g.items() if k != "flops_per_s"} for g in result["gemms"]]
 
 
 def _paper_params(base: str) -> Params:
